@@ -1,0 +1,272 @@
+"""Adapter files: PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`, same key names) plus
+`lorakit.json` with what PEFT lacks: the lorakit version, the resolved config and a fingerprint of the base weights.
+
+Weights are read with safetensors only; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import LorakitError
+from lorakit.fsutil import atomic_directory, write_json
+from lorakit.injection import _require_adapter, active_adapter, add_lora, delete_adapter, lora_layers, set_adapter
+from lorakit.layers import LORA_LAYERS
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+META_FILE = "lorakit.json"
+PREFIX = "base_model.model."  # PEFT's prefix for keys of a PeftModel wrapping the user's model
+FINGERPRINT_METHOD = "lorakit-stats-v1"
+
+
+# ---------------------------------------------------------------------------------------------------- state dicts
+def adapter_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's saved key names (adapter name removed)."""
+    _require_adapter(model, adapter)
+    state = {}
+    for name, layer in lora_layers(model):
+        if adapter in layer.adapters:
+            for key, p in layer.adapter_state(adapter).items():
+                state[f"{PREFIX}{name}.{key}"] = p
+    return state
+
+
+def _task_type(model: nn.Module) -> str | None:
+    cls = type(model).__name__
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
+                         ("ForConditionalGeneration", "SEQ_2_SEQ_LM")):
+        if cls.endswith(suffix):
+            return task
+    return None
+
+
+def _base_name(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
+
+
+# ---------------------------------------------------------------------------------------------------- fingerprint
+def _unmerged_weight(layer) -> torch.Tensor:
+    weight = layer.base_layer.weight.detach()
+    for name in layer.merged_adapters:
+        weight = weight.float() - layer.delta_weight(name)
+    return weight
+
+
+def base_fingerprint(model: nn.Module, adapter: str) -> dict[str, Any]:
+    """Per adapted module: shape, mean, std and a fixed random probe of the base weight, plus an exact digest.
+
+    The statistics survive a change of dtype (a bf16 copy of the same base matches); the digest tells an identical
+    base from a merely equivalent one.
+    """
+    digest = hashlib.sha256()
+    modules = {}
+    for name, layer in lora_layers(model):
+        if not isinstance(layer, LORA_LAYERS) or adapter not in layer.adapters:
+            continue
+        w = _unmerged_weight(layer)
+        digest.update(name.encode() + str(w.dtype).encode())
+        digest.update(w.contiguous().cpu().view(torch.uint8).numpy().tobytes() if w.dtype != torch.bfloat16
+                      else w.contiguous().cpu().view(torch.int16).numpy().tobytes())
+        flat = w.reshape(-1).double()
+        idx = torch.linspace(0, flat.numel() - 1, min(256, flat.numel())).long().to(flat.device)
+        gen = torch.Generator().manual_seed(1234)
+        signs = (torch.randint(0, 2, (idx.numel(),), generator=gen) * 2 - 1).double().to(flat.device)
+        probe = float((flat[idx] * signs).sum())
+        modules[name] = [list(w.shape), float(flat.mean()), float(flat.std()) if flat.numel() > 1 else 0.0, probe]
+    return {"method": FINGERPRINT_METHOD, "sha256": digest.hexdigest(), "modules": modules}
+
+
+def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], strict: bool, path: Path) -> None:
+    if saved.get("method") != FINGERPRINT_METHOD:
+        warnings.warn(f"{path}: unknown base fingerprint method {saved.get('method')!r}; base not checked.")
+        return
+    if saved.get("sha256") == current["sha256"]:
+        return
+    mismatched = []
+    for name, (shape, mean, std, probe) in saved.get("modules", {}).items():
+        now = current["modules"].get(name)
+        if now is None:
+            continue
+        tol = 1e-2 * max(std, 1e-12)
+        if (now[0] != shape or abs(now[1] - mean) > tol or abs(now[2] - std) > 1e-2 * max(std, 1e-12)
+                or abs(now[3] - probe) > 16 * tol):
+            mismatched.append(name)
+    if mismatched:
+        msg = (f"The adapter at {path} was trained on a different base model: the base weights of "
+               f"{len(mismatched)} adapted module(s) differ (e.g. {', '.join(mismatched[:3])}). Load it into the model "
+               "it was trained on, or pass strict=False to load it anyway.")
+        if strict:
+            raise LorakitError(msg)
+        warnings.warn(msg)
+
+
+# ---------------------------------------------------------------------------------------------------- save
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write the adapter to the directory `path` atomically; returns the path.
+
+    `extra` (e.g. the training config) is stored in `lorakit.json` so the run can be rebuilt from the folder alone.
+    """
+    from safetensors.torch import save_file
+
+    from lorakit import __version__
+
+    adapter = adapter or active_adapter(model)
+    if adapter is None:
+        raise LorakitError("save_adapter: the model has no adapter; call add_lora first or pass adapter=NAME.")
+    _require_adapter(model, adapter)
+    config: LoraConfig = model.lora_configs[adapter]
+    state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter).items()}
+    meta = {
+        "lorakit_version": __version__,
+        "adapter": adapter,
+        "base_model": _base_name(model),
+        "base_model_class": type(model).__name__,
+        "config": config.to_dict(),
+        "base_fingerprint": base_fingerprint(model, adapter),
+        "extra": extra or {},
+    }
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_json(tmp / CONFIG_FILE, config.to_peft_dict(_base_name(model), _task_type(model)))
+        write_json(tmp / META_FILE, meta)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- load
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LorakitError(f"{path} is not valid JSON ({e}); the adapter folder is corrupt. Save it again.") from None
+    if not isinstance(data, dict):
+        raise LorakitError(f"{path} must hold a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, turning every failure into a clear error (never unpickles)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    size = path.stat().st_size
+    if size < 8:
+        raise LorakitError(f"{path} is truncated ({size} bytes); a safetensors file starts with an 8-byte header "
+                           "length. Save the adapter again.")
+    with open(path, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+    if header_len > size - 8 or header_len > 100_000_000:
+        raise LorakitError(f"{path} is corrupt or truncated: its header claims {header_len} bytes but the file has "
+                           f"{size}. Save the adapter again.")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LorakitError(f"{path} is not a valid safetensors file ({e}); it is corrupt or truncated. "
+                           "Save the adapter again.") from None
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default", strict: bool = True,
+                 trainable: bool = False) -> nn.Module:
+    """Load a lorakit or PEFT LoRA adapter folder into `model` under the name `adapter`; returns `model`.
+
+    strict=True: a different base model, missing or unexpected keys are errors (with strict=False, warnings).
+    A shape mismatch is always an error. The model is left unchanged when loading fails.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        hint = " (an interrupted save left a complete previous copy at .{}.old)".format(path.name) \
+            if (path.parent / f".{path.name}.old").is_dir() else ""
+        raise LorakitError(f"Adapter folder {path} does not exist{hint}; expected a folder with {CONFIG_FILE} and "
+                           f"{WEIGHTS_FILE}.")
+    for f in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / f).is_file():
+            found = sorted(p.name for p in path.iterdir())
+            extra = " lorakit never reads pickled .bin weights; convert them to safetensors." \
+                if "adapter_model.bin" in found else ""
+            raise LorakitError(f"{path} has no {f} (found: {found}).{extra}")
+    config = LoraConfig.from_peft_dict(_read_json(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
+    meta = _read_json(path / META_FILE) if (path / META_FILE).is_file() else {}
+    if meta.get("config"):
+        config = LoraConfig.from_dict(meta["config"])  # lorakit's own resolved config is authoritative
+    weights = read_adapter_weights(path / WEIGHTS_FILE)
+    # PEFT-saved keys may keep the adapter name ("lora_A.default.weight") in some versions; normalise.
+    weights = {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+               for k, v in weights.items()}
+
+    if adapter in getattr(model, "lora_configs", {}):
+        raise LorakitError(f"An adapter named {adapter!r} is already loaded; pick another name or delete_adapter it.")
+    if config.modules_to_save:  # keep only heads the file has weights for (PEFT lists head names generically)
+        saved = ["." + k[len(PREFIX):] for k in weights if k.startswith(PREFIX)]
+        kept = [m for m in config.modules_to_save if any(f".{m}." in k for k in saved)]
+        config = LoraConfig.from_dict({**config.to_dict(), "modules_to_save": kept or None})
+    previous_active = active_adapter(model)
+    try:
+        add_lora(model, config, adapter)
+    except LorakitError as e:
+        raise LorakitError(f"Cannot load the adapter at {path} into this model: {e}") from None
+    try:
+        _copy_weights(model, adapter, weights, strict, path)
+        if meta.get("base_fingerprint"):
+            check_fingerprint(meta["base_fingerprint"], base_fingerprint(model, adapter), strict, path)
+    except BaseException:
+        delete_adapter(model, adapter)
+        if previous_active is not None:
+            set_adapter(model, previous_active)
+        raise
+    for p in adapter_state_dict(model, adapter).values():
+        p.requires_grad_(trainable)
+    return model
+
+
+def _copy_weights(model: nn.Module, adapter: str, weights: dict[str, torch.Tensor], strict: bool, path: Path) -> None:
+    expected = adapter_state_dict(model, adapter)
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    for key in sorted(set(expected) & set(weights)):
+        if tuple(expected[key].shape) != tuple(weights[key].shape):
+            module = key[len(PREFIX):]
+            raise LorakitError(f"Shape mismatch for {module}: the file at {path} has {tuple(weights[key].shape)}, "
+                               f"this model expects {tuple(expected[key].shape)}. The adapter was made for a "
+                               "different model (or different rank settings).")
+    if missing or unexpected:
+        msg = (f"Adapter at {path} does not fit this model: {len(missing)} missing key(s) "
+               f"{_short(missing)}, {len(unexpected)} unexpected key(s) {_short(unexpected)}.")
+        if strict:
+            raise LorakitError(msg + " Pass strict=False to load the matching part.")
+        warnings.warn(msg)
+    with torch.no_grad():
+        for key in set(expected) & set(weights):
+            t = weights[key]
+            if not torch.isfinite(t).all():
+                raise LorakitError(f"{path}: tensor {key} holds NaN or inf values; the adapter is unusable.")
+            expected[key].copy_(t.to(expected[key].device))
+
+
+def _short(keys: list[str], n: int = 5) -> str:
+    shown = [k[len(PREFIX):] if k.startswith(PREFIX) else k for k in keys[:n]]
+    return str(shown) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def peek_adapter_config(path: str | os.PathLike) -> LoraConfig:
+    """The config of a saved adapter, without loading weights."""
+    path = Path(path)
+    meta_path = path / META_FILE
+    if meta_path.is_file():
+        meta = _read_json(meta_path)
+        if meta.get("config"):
+            return LoraConfig.from_dict(meta["config"])
+    return LoraConfig.from_peft_dict(_read_json(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
+

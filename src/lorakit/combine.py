@@ -1,0 +1,91 @@
+"""Weighted combination of adapters into a new one.
+
+- "linear": B_new = Σ wᵢ Bᵢ, A_new = Σ wᵢ sᵢ Aᵢ — interpolation in parameter space (equal ranks required; exact
+  for one adapter, or for identical adapters with weights summing to 1).
+- "cat":    A_new = [w₁s₁A₁; w₂s₂A₂; …], B_new = [B₁ B₂ …] — exactly Σ wᵢ ΔWᵢ, at rank Σ rᵢ.
+- "svd":    Σ wᵢ ΔWᵢ truncated to rank `r` by SVD — the best rank-r approximation (exact when r ≥ Σ rᵢ).
+The new adapter has scale 1 (alpha = r); all scales are folded into its A (and, for svd, its B).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import LorakitError
+from lorakit.injection import _require_adapter, add_lora, lora_layers
+from lorakit.layers import LORA_LAYERS, LoraEmbedding
+
+METHODS = ("linear", "cat", "svd")
+
+
+def _ab(layer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A: (r, in), B: (out, r)) for either kind of LoRA layer."""
+    if isinstance(layer, LoraEmbedding):
+        return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    return layer.lora_A[name].weight, layer.lora_B[name].weight
+
+
+def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], new_adapter: str,
+                     method: str = "linear", r: int | None = None) -> str:
+    """Create `new_adapter` from a weighted combination of existing adapters (see module doc); returns its name."""
+    adapters, weights = list(adapters), [float(w) for w in weights]
+    if method not in METHODS:
+        raise LorakitError(f"combine_adapters: method {method!r} is not one of {METHODS}.")
+    if not adapters or len(adapters) != len(weights):
+        raise LorakitError(f"combine_adapters needs one weight per adapter; got {len(adapters)} adapters and "
+                           f"{len(weights)} weights.")
+    for a in adapters:
+        _require_adapter(model, a)
+    if any(model.lora_configs[a].modules_to_save for a in adapters):
+        raise LorakitError("combine_adapters combines LoRA updates only; adapters with modules_to_save "
+                           f"({[a for a in adapters if model.lora_configs[a].modules_to_save]}) cannot be combined.")
+
+    plan = {}  # module name -> (layer, adapters present there)
+    for name, layer in lora_layers(model):
+        if isinstance(layer, LORA_LAYERS):
+            present = [a for a in adapters if a in layer.adapters]
+            if present:
+                plan[name] = (layer, present)
+    ranks = {}
+    for name, (layer, present) in plan.items():
+        if method == "linear":
+            rs = {layer.r[a] for a in present}
+            if len(rs) > 1 or len(present) != len(adapters):
+                raise LorakitError(f"'linear' needs every adapter on every module with one rank; {name} has "
+                                   f"{ {a: layer.r[a] for a in present} }. Use method='cat' or 'svd'.")
+            ranks[name] = rs.pop()
+        elif method == "cat":
+            ranks[name] = sum(layer.r[a] for a in present)
+        else:
+            if r is None:
+                raise LorakitError("method='svd' needs the new rank: pass r=...")
+            ranks[name] = min(r, layer.in_features, layer.out_features)
+    new_r = r or max(ranks.values())
+    rank_pattern = {re.escape(n): k for n, k in ranks.items() if k != new_r}
+    config = LoraConfig(r=new_r, alpha=float(new_r), target_modules=list(plan), rank_pattern=rank_pattern,
+                        alpha_pattern={k: float(v) for k, v in rank_pattern.items()})  # scale 1 everywhere
+    add_lora(model, config, new_adapter)
+
+    with torch.no_grad():
+        for name, (layer, present) in plan.items():
+            A_new, B_new = _ab(layer, new_adapter)
+            w = [weights[adapters.index(a)] for a in present]
+            if method == "linear":
+                A_new.copy_(sum(wi * layer.scaling[a] * _ab(layer, a)[0].float() for wi, a in zip(w, present)))
+                B_new.copy_(sum(wi * _ab(layer, a)[1].float() for wi, a in zip(w, present)))
+            elif method == "cat":
+                A_new.copy_(torch.cat([wi * layer.scaling[a] * _ab(layer, a)[0].float() for wi, a in zip(w, present)]))
+                B_new.copy_(torch.cat([_ab(layer, a)[1].float() for a in present], dim=1))
+            else:
+                delta = sum(wi * layer.scaling[a] * (_ab(layer, a)[1].float() @ _ab(layer, a)[0].float())
+                            for wi, a in zip(w, present))  # (out, in)
+                U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+                k = ranks[name]
+                B_new.copy_(U[:, :k] * S[:k])
+                A_new.copy_(Vh[:k])
+    return new_adapter

@@ -1,0 +1,238 @@
+"""The LoRA layers: each wraps a frozen base layer (kept as the child `base_layer`) and adds named low-rank updates.
+
+Parameter names follow PEFT (`lora_A.<adapter>.weight`, `lora_embedding_A.<adapter>`, `modules_to_save.<adapter>.*`)
+so adapter files map one-to-one onto PEFT's.
+
+Routing state lives on each layer and is set by the model-level functions in `lorakit.injection`:
+`active_adapter` (name or None), `disabled`, `merged_adapters`, and `row_groups` for mixed batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.errors import LorakitError
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face GPT-2's Conv1D: a linear layer whose weight is stored (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+class _AdapterRouting:
+    """Shared state and routing rules of every lorakit layer."""
+
+    def _init_routing(self) -> None:
+        self.active_adapter: str | None = None
+        self.disabled = False
+        self.merged_adapters: list[str] = []
+        self.row_groups: dict[str, torch.Tensor] | None = None  # adapter -> row indices, for a mixed batch
+        self.row_count = 0
+
+    def _check_rows(self, batch: int) -> None:
+        if batch != self.row_count:
+            raise LorakitError(f"Mixed-batch forward got a batch of {batch} rows but {self.row_count} adapter names; "
+                               "pass one name (or None) per row (for beam search, repeat each name per beam).")
+
+
+class LoraLinear(nn.Module, _AdapterRouting):
+    """y = base(x) + (alpha/r) · B(A(dropout(x))) for a frozen `nn.Linear` or GPT-2 `Conv1D`."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        if not (isinstance(base_layer, nn.Linear) or _is_conv1d(base_layer)):
+            raise LorakitError(f"LoraLinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}.")
+        self.base_layer = base_layer
+        self.fan_in_fan_out = _is_conv1d(base_layer)  # Conv1D stores its weight transposed: (in, out)
+        d0, d1 = base_layer.weight.shape
+        self.in_features, self.out_features = (d0, d1) if self.fan_in_fan_out else (d1, d0)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self._init_routing()
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
+                    use_rslora: bool = False, dtype: torch.dtype | None = None) -> None:
+        weight = self.base_layer.weight
+        # LoRA weights stay in fp32 by default even on a low-precision base: tiny updates survive there.
+        dtype = dtype or (weight.dtype if weight.dtype == torch.float64 else torch.float32)
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r[name] = r
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A[name].weight, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)  # ΔW = 0: a fresh adapter reproduces the base exactly
+
+    def remove_adapter(self, name: str) -> None:
+        for store in (self.lora_A, self.lora_B, self.lora_dropout):
+            del store[name]
+        del self.r[name], self.scaling[name]
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def adapter_state(self, name: str) -> dict[str, nn.Parameter]:
+        """This adapter's tensors under PEFT's local key names."""
+        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW in the base weight's layout ((out, in), or (in, out) for Conv1D), computed in fp32."""
+        A, B = self.lora_A[name].weight.float(), self.lora_B[name].weight.float()
+        delta = (B @ A) * self.scaling[name]  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        A = self.lora_A[name]
+        x = x.to(A.weight.dtype)
+        return self.lora_B[name](A(self.lora_dropout[name](x))) * self.scaling[name]  # (..., out)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)  # (..., out)
+        if self.disabled:
+            return y
+        if self.row_groups is not None:
+            self._check_rows(x.shape[0])
+            for name, rows in self.row_groups.items():
+                y = y.index_add(0, rows, self.lora_delta(name, x[rows]).to(y.dtype))
+            return y
+        name = self.active_adapter
+        if name is None or name in self.merged_adapters:
+            return y
+        return y + self.lora_delta(name, x).to(y.dtype)
+
+
+class LoraEmbedding(nn.Module, _AdapterRouting):
+    """e = base(ids) + (alpha/r) · embedding(ids, Aᵀ) Bᵀ for a frozen `nn.Embedding` (A zero, B normal)."""
+
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__()
+        if not isinstance(base_layer, nn.Embedding):
+            raise LorakitError(f"LoraEmbedding wraps nn.Embedding, got {type(base_layer).__name__}.")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        self.lora_embedding_A = nn.ParameterDict()  # (r, num_embeddings)
+        self.lora_embedding_B = nn.ParameterDict()  # (embedding_dim, r)
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self._init_routing()
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
+                    use_rslora: bool = False, dtype: torch.dtype | None = None) -> None:
+        weight = self.base_layer.weight
+        dtype = dtype or (weight.dtype if weight.dtype == torch.float64 else torch.float32)
+        # As in the paper's reference code: A zero, B normal (so ΔW starts at zero and gradients reach A).
+        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, self.in_features, device=weight.device, dtype=dtype))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, r, device=weight.device, dtype=dtype))
+        self.r[name] = r
+        self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+
+    def remove_adapter(self, name: str) -> None:
+        del self.lora_embedding_A[name], self.lora_embedding_B[name]
+        del self.r[name], self.scaling[name]
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.lora_embedding_A.keys())
+
+    def adapter_state(self, name: str) -> dict[str, nn.Parameter]:
+        return {"lora_embedding_A": self.lora_embedding_A[name], "lora_embedding_B": self.lora_embedding_B[name]}
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        A, B = self.lora_embedding_A[name].float(), self.lora_embedding_B[name].float()
+        return (B @ A).T * self.scaling[name]  # (num_embeddings, embedding_dim)
+
+    def lora_delta(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        after_a = F.embedding(ids, self.lora_embedding_A[name].T, padding_idx=base.padding_idx,
+                              max_norm=base.max_norm, norm_type=base.norm_type,
+                              scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)  # (..., r)
+        return (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]  # (..., dim)
+
+    def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(ids, *args, **kwargs)
+        if self.disabled:
+            return y
+        if self.row_groups is not None:
+            self._check_rows(ids.shape[0])
+            for name, rows in self.row_groups.items():
+                y = y.index_add(0, rows, self.lora_delta(name, ids[rows]).to(y.dtype))
+            return y
+        name = self.active_adapter
+        if name is None or name in self.merged_adapters:
+            return y
+        return y + self.lora_delta(name, ids).to(y.dtype)
+
+
+class ModulesToSave(nn.Module, _AdapterRouting):
+    """A module trained in full for each adapter (e.g. a classification head); the original stays frozen."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self._init_routing()
+
+    def add_adapter(self, name: str) -> None:
+        copy_ = copy.deepcopy(self.original_module)
+        for p in copy_.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = copy_
+
+    def remove_adapter(self, name: str) -> None:
+        del self.modules_to_save[name]
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def adapter_state(self, name: str) -> dict[str, nn.Parameter]:
+        return dict(self.modules_to_save[name].named_parameters())
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.disabled:
+            return self.original_module(x, *args, **kwargs)
+        if self.row_groups is not None:
+            self._check_rows(x.shape[0])
+            y = self.original_module(x, *args, **kwargs)
+            for name, rows in self.row_groups.items():
+                y = y.index_copy(0, rows, self.modules_to_save[name](x[rows], *args, **kwargs))
+            return y
+        if self.active_adapter not in self.modules_to_save:
+            return self.original_module(x, *args, **kwargs)
+        return self.modules_to_save[self.active_adapter](x, *args, **kwargs)
+
+
+LORA_LAYERS = (LoraLinear, LoraEmbedding)
+ADAPTER_LAYERS = (LoraLinear, LoraEmbedding, ModulesToSave)
+
+
+def merge_layer(layer: LoraLinear | LoraEmbedding, name: str) -> None:
+    """Add this adapter's ΔW into the base weight (no-op if already merged)."""
+    if name in layer.merged_adapters:
+        return
+    weight = layer.base_layer.weight
+    weight.data += layer.delta_weight(name).to(weight.dtype)
+    layer.merged_adapters.append(name)
+
+
+def unmerge_layer(layer: LoraLinear | LoraEmbedding, name: str) -> None:
+    """Subtract this adapter's ΔW from the base weight (no-op if not merged)."""
+    if name not in layer.merged_adapters:
+        return
+    weight = layer.base_layer.weight
+    weight.data -= layer.delta_weight(name).to(weight.dtype)
+    layer.merged_adapters.remove(name)
