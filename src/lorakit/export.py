@@ -1,0 +1,111 @@
+"""Merging an adapter into its base and writing a plain Hugging Face model folder (no lorakit needed to load it).
+
+The merge is checked, not trusted: logits of the merged model (in the chosen dtype) are compared with the base plus
+the unmerged adapter in fp32 on a few inputs. A merge whose drift exceeds `max_drift` (typically a lower-precision
+target such as bf16, where small ΔW are rounded away) is refused unless `force=True`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from lorakit.adapter_io import load_adapter
+from lorakit.errors import LorakitError
+from lorakit.fsutil import atomic_directory, write_json
+from lorakit.injection import disable_adapters, lora_layers, unload
+from lorakit.layers import LORA_LAYERS
+from lorakit.models import load_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog.",
+               "name[The Vaults], eatType[pub], priceRange[more than £30]",
+               "Question: what is two plus two? Answer:")
+REPORT_FILE = "lorakit_merge.json"
+
+
+@dataclass
+class MergeReport:
+    path: str
+    dtype: str
+    max_logit_diff: float
+    """Max |merged logits − (base + unmerged adapter) logits| on the probe inputs; the reference runs in fp32."""
+    adapter_effect: float
+    """Max |base + adapter − base| logits on the same inputs: the size of what the merge must preserve."""
+    delta_lost: float
+    """‖round(W + ΔW) − round(W) − ΔW‖ / ‖ΔW‖ over the merged weights: the share of ΔW lost to the target dtype."""
+    forced: bool
+
+    def __str__(self) -> str:
+        return (f"merged model written to {self.path} ({self.dtype}); max logit difference vs base+adapter: "
+                f"{self.max_logit_diff:.3g} (adapter effect {self.adapter_effect:.3g}; "
+                f"{100 * self.delta_lost:.2f}% of ΔW lost to {self.dtype} rounding)")
+
+
+def _probe_logits(model: nn.Module, tokenizer, texts) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(**tokenizer(t, return_tensors="pt")).logits.float()[0] for t in texts]
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def _check_untied(model: nn.Module) -> None:
+    """Merging into a weight shared with another module (tied embeddings) would silently change both."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{name}.{pname}")
+    for name, layer in lora_layers(model):
+        if isinstance(layer, LORA_LAYERS) and len(owners[id(layer.base_layer.weight)]) > 1:
+            raise LorakitError(f"The adapter changes {name}, whose weight is tied to "
+                               f"{owners[id(layer.base_layer.weight)]}; merging would change both. Train the adapter "
+                               "without that module, or untie the weights before merging.")
+
+
+def _delta_lost(model: nn.Module, dtype: torch.dtype) -> float:
+    lost = total = 0.0
+    for _, layer in lora_layers(model):
+        if not isinstance(layer, LORA_LAYERS) or layer.active_adapter is None:
+            continue
+        w = layer.base_layer.weight.detach().float()
+        delta = layer.delta_weight(layer.active_adapter)
+        kept = (w + delta).to(dtype).float() - w.to(dtype).float()
+        lost += float((kept - delta).pow(2).sum())
+        total += float(delta.pow(2).sum())
+    return (lost / total) ** 0.5 if total else 0.0
+
+
+def merge_to_directory(model: str, adapter: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32",
+                       max_drift: float = 1e-3, force: bool = False, probe_texts=PROBE_TEXTS) -> MergeReport:
+    """Load `model` (fp32) with the adapter folder `adapter`, merge, and write a plain model folder `out` in `dtype`.
+
+    Refuses (LorakitError, nothing written) when the merged logits drift more than `max_drift` from base+adapter,
+    unless `force`.
+    """
+    if dtype not in DTYPES:
+        raise LorakitError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    base, tokenizer = load_model(model, dtype=torch.float32)
+    load_adapter(base, adapter)
+    _check_untied(base)
+    reference = _probe_logits(base, tokenizer, probe_texts)
+    with disable_adapters(base):
+        effect = _max_diff(_probe_logits(base, tokenizer, probe_texts), reference)
+    lost = _delta_lost(base, DTYPES[dtype])
+    merged = unload(base).to(DTYPES[dtype])
+    drift = _max_diff(_probe_logits(merged, tokenizer, probe_texts), reference)
+    report = MergeReport(str(out), dtype, drift, effect, lost, forced=force and drift > max_drift)
+    if drift > max_drift and not force:
+        raise LorakitError(f"Merging into {dtype} is lossy: the merged model's logits differ from base+adapter by up "
+                           f"to {drift:.3g} (allowed {max_drift:g}; the adapter itself moves logits by {effect:.3g}, "
+                           f"and {100 * lost:.2f}% of ΔW is lost to {dtype} rounding). Nothing was written. Merge in "
+                           "float32, raise max_drift, or pass force to write it anyway.")
+    with atomic_directory(out) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / REPORT_FILE, {**asdict(report), "base_model": model, "adapter": str(adapter)})
+    return report
