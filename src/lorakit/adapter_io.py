@@ -141,7 +141,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     path = Path(path)
     with atomic_directory(path) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        write_json(tmp / CONFIG_FILE, config.to_peft_dict(_base_name(model), _task_type(model)))
+        fan_in_fan_out = any(getattr(l, "fan_in_fan_out", False) for _, l in lora_layers(model) if adapter in l.adapters)
+        write_json(tmp / CONFIG_FILE, config.to_peft_dict(_base_name(model), _task_type(model), fan_in_fan_out))
         write_json(tmp / META_FILE, meta)
     return path
 
@@ -233,6 +234,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
 
 def _copy_weights(model: nn.Module, adapter: str, weights: dict[str, torch.Tensor], strict: bool, path: Path) -> None:
     expected = adapter_state_dict(model, adapter)
+    weights = _drop_unchanged_base_copies(model, weights, path)
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     for key in sorted(set(expected) & set(weights)):
@@ -255,6 +257,28 @@ def _copy_weights(model: nn.Module, adapter: str, weights: dict[str, torch.Tenso
             expected[key].copy_(t.to(expected[key].device))
 
 
+def _drop_unchanged_base_copies(model: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """PEFT saves whole embedding matrices (`...base_layer.weight`) when embeddings are targeted. Copies equal to this
+    model's base are redundant; a different one (e.g. a resized vocabulary) would replace base weights, which lorakit
+    adapters never do, so it is an error."""
+    kept = {}
+    for key, t in weights.items():
+        if not key.endswith(".base_layer.weight"):
+            kept[key] = t
+            continue
+        module = key[len(PREFIX):-len(".base_layer.weight")]
+        try:
+            current = model.get_submodule(module).base_layer.weight
+        except AttributeError:
+            kept[key] = t
+            continue
+        if current.shape != t.shape or not torch.allclose(current.float().cpu(), t.float(), atol=1e-6):
+            raise LorakitError(f"{path} carries a replacement for the base weight of {module} (shape {tuple(t.shape)}, "
+                               f"this model has {tuple(current.shape)}): PEFT's save_embedding_layers, e.g. after "
+                               "resizing the vocabulary. Resize/load that embedding into the base model first.")
+    return kept
+
+
 def _short(keys: list[str], n: int = 5) -> str:
     shown = [k[len(PREFIX):] if k.startswith(PREFIX) else k for k in keys[:n]]
     return str(shown) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
@@ -263,6 +287,8 @@ def _short(keys: list[str], n: int = 5) -> str:
 def peek_adapter_config(path: str | os.PathLike) -> LoraConfig:
     """The config of a saved adapter, without loading weights."""
     path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise LorakitError(f"{path} is not an adapter folder: it has no {CONFIG_FILE}.")
     meta_path = path / META_FILE
     if meta_path.is_file():
         meta = _read_json(meta_path)

@@ -45,22 +45,22 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
         raise LorakitError("combine_adapters combines LoRA updates only; adapters with modules_to_save "
                            f"({[a for a in adapters if model.lora_configs[a].modules_to_save]}) cannot be combined.")
 
-    plan = {}  # module name -> (layer, adapters present there)
+    plan = {}  # module name -> (layer, [(adapter, weight) present there])
     for name, layer in lora_layers(model):
         if isinstance(layer, LORA_LAYERS):
-            present = [a for a in adapters if a in layer.adapters]
+            present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapters]
             if present:
                 plan[name] = (layer, present)
     ranks = {}
     for name, (layer, present) in plan.items():
         if method == "linear":
-            rs = {layer.r[a] for a in present}
+            rs = {layer.r[a] for a, _ in present}
             if len(rs) > 1 or len(present) != len(adapters):
                 raise LorakitError(f"'linear' needs every adapter on every module with one rank; {name} has "
-                                   f"{ {a: layer.r[a] for a in present} }. Use method='cat' or 'svd'.")
+                                   f"{ {a: layer.r[a] for a, _ in present} }. Use method='cat' or 'svd'.")
             ranks[name] = rs.pop()
         elif method == "cat":
-            ranks[name] = sum(layer.r[a] for a in present)
+            ranks[name] = sum(layer.r[a] for a, _ in present)
         else:
             if r is None:
                 raise LorakitError("method='svd' needs the new rank: pass r=...")
@@ -74,16 +74,16 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
     with torch.no_grad():
         for name, (layer, present) in plan.items():
             A_new, B_new = _ab(layer, new_adapter)
-            w = [weights[adapters.index(a)] for a in present]
+            scaled_A = [w * layer.scaling[a] * _ab(layer, a)[0].float() for a, w in present]  # (r_i, in)
+            Bs = [_ab(layer, a)[1].float() for a, _ in present]  # (out, r_i)
             if method == "linear":
-                A_new.copy_(sum(wi * layer.scaling[a] * _ab(layer, a)[0].float() for wi, a in zip(w, present)))
-                B_new.copy_(sum(wi * _ab(layer, a)[1].float() for wi, a in zip(w, present)))
+                A_new.copy_(sum(scaled_A))
+                B_new.copy_(sum(w * B for (_, w), B in zip(present, Bs)))
             elif method == "cat":
-                A_new.copy_(torch.cat([wi * layer.scaling[a] * _ab(layer, a)[0].float() for wi, a in zip(w, present)]))
-                B_new.copy_(torch.cat([_ab(layer, a)[1].float() for a in present], dim=1))
+                A_new.copy_(torch.cat(scaled_A))
+                B_new.copy_(torch.cat(Bs, dim=1))
             else:
-                delta = sum(wi * layer.scaling[a] * (_ab(layer, a)[1].float() @ _ab(layer, a)[0].float())
-                            for wi, a in zip(w, present))  # (out, in)
+                delta = sum(B @ A for A, B in zip(scaled_A, Bs))  # (out, in)
                 U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
                 k = ranks[name]
                 B_new.copy_(U[:, :k] * S[:k])

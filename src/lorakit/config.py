@@ -111,7 +111,8 @@ class LoraConfig:
             raise LorakitError(f"Unknown LoraConfig key(s) {unknown}; allowed keys are {sorted(allowed)}.")
         return cls(**data)
 
-    def to_peft_dict(self, base_model_name_or_path: str | None = None, task_type: str | None = None) -> dict[str, Any]:
+    def to_peft_dict(self, base_model_name_or_path: str | None = None, task_type: str | None = None,
+                     fan_in_fan_out: bool = False) -> dict[str, Any]:
         """The PEFT `adapter_config.json` content for this config (PEFT's field names and conventions)."""
         return {
             "peft_type": "LORA",
@@ -131,7 +132,7 @@ class LoraConfig:
             "use_dora": False,
             "modules_to_save": self.modules_to_save,
             "bias": self.bias,
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": fan_in_fan_out,  # True for GPT-2's Conv1D (PEFT's flag for transposed weights)
         }
 
     @classmethod

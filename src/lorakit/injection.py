@@ -162,7 +162,6 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = 
         else:
             layer = LoraLinear(module) if _is_linear(module) else LoraEmbedding(module)
             _set_submodule(model, name, layer)
-            layer.active_adapter = active_adapter(model)
         layer.add_adapter(adapter, config.rank_for(name), config.alpha_for(name), config.dropout, config.init,
                           config.use_rslora)
     for name in _modules_to_save_names(model, config):
@@ -170,13 +169,11 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = 
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
             _set_submodule(model, name, module)
-            module.active_adapter = active_adapter(model)
         module.add_adapter(adapter)
 
     configs[adapter] = config
     model.lora_configs = configs
-    if active_adapter(model) is None:
-        set_adapter(model, adapter)
+    set_adapter(model, active_adapter(model) or adapter)  # also routes the newly wrapped layers
     _mark_trainable(model, adapter)
     return model
 
