@@ -112,7 +112,14 @@ class LoraLinear(nn.Module, _AdapterRouting):
         name = self.active_adapter
         if name is None or name in self.merged_adapters:
             return y
-        return y + self.lora_delta(name, x).to(y.dtype)
+        A, B = self.lora_A[name], self.lora_B[name]
+        h = A(self.lora_dropout[name](x.to(A.weight.dtype)))  # (..., r)
+        if y.dtype != B.weight.dtype:  # low-precision base: LoRA in fp32, result cast back
+            return y + (B(h) * self.scaling[name]).to(y.dtype)
+        # y + scale · h Bᵀ in one addmm: no separate (…, out) tensors for B(h), its scaling and the sum.
+        out = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), B.weight.T,
+                          alpha=self.scaling[name])  # (N, out)
+        return out.view(y.shape)
 
 
 class LoraEmbedding(nn.Module, _AdapterRouting):
