@@ -8,6 +8,7 @@ row's first real token, so a row decodes to the same tokens whether it runs alon
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.injection import adapters_per_row
+from lorakit.injection import adapters_per_row, lora_layers
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
@@ -125,6 +126,17 @@ def resolve_adapter_dir(name_or_path: str, adapters_dir: str | os.PathLike | Non
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
+def _routing(model: nn.Module, names: list[str | None]):
+    """Per-row adapters; or, when an adapter is merged into the weights, plain forwards for rows that all ask for it."""
+    merged = {n for _, layer in lora_layers(model) for n in getattr(layer, "merged_adapters", [])}
+    if not merged:
+        return adapters_per_row(model, names)
+    if set(names) != merged:
+        raise LorakitError(f"Adapter(s) {sorted(merged)} are merged into the weights, so every row must use it; "
+                           f"got {sorted(set(names), key=str)}. Unmerge to mix adapters in a batch.")
+    return contextlib.nullcontext()
+
+
 def _end_token_ids(model: nn.Module, tokenizer) -> set[int]:
     ids = set()
     for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
@@ -216,7 +228,7 @@ def generate_rows(model: nn.Module, tokenizer, rows: Sequence[Row],
     finish: list[str | None] = [None] * len(rows)
     cache = DynamicCache()
     step_ids = input_ids
-    with adapters_per_row(model, [r.adapter for r in rows]):
+    with _routing(model, [r.adapter for r in rows]):
         for step in range(max(r.sampling.max_new_tokens for r in rows)):
             out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                         use_cache=True, logits_to_keep=1)
