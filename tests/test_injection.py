@@ -260,3 +260,21 @@ def test_fresh_model_unknown_architecture_needs_targets():
         lk.add_lora(model, lk.LoraConfig())
     lk.add_lora(model, lk.LoraConfig(r=2, target_modules=["0"]))
     assert isinstance(model[0], LoraLinear)
+
+
+def test_cast_base_keeps_lora_fp32_and_ties(ids):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    lk.add_lora(model, lk.LoraConfig(r=2))
+    randomize_lora_B(model)
+    full = logits(model, ids)
+    lk.cast_base(model, torch.bfloat16)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers untouched
+    low = logits(model, ids).float()
+    assert (low - full).abs().max() < 0.1  # bf16 rounding only

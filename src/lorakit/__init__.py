@@ -16,6 +16,7 @@ from lorakit.injection import (
     adapter_names,
     adapters_per_row,
     active_adapter,
+    cast_base,
     delete_adapter,
     disable_adapters,
     merge,
@@ -30,7 +31,7 @@ from lorakit.models import load_model
 
 __all__ = [
     "LoraConfig", "LorakitError", "LoraLinear", "LoraEmbedding", "ModulesToSave",
-    "add_lora", "adapter_names", "adapters_per_row", "active_adapter", "delete_adapter", "disable_adapters",
+    "add_lora", "adapter_names", "adapters_per_row", "active_adapter", "cast_base", "delete_adapter", "disable_adapters",
     "merge", "set_adapter", "trainable_parameters", "unload", "unmerge", "combine_adapters",
     "load_adapter", "save_adapter", "load_model", "__version__",
 ]

@@ -334,6 +334,18 @@ def unload(model: nn.Module, merge_adapter: bool = True) -> nn.Module:
     return model
 
 
+# ---------------------------------------------------------------------------------------------------- precision
+def cast_base(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the frozen parameters (not buffers such as RoPE frequencies) to `dtype` once; trainable ones (LoRA A/B,
+    modules to save) keep their dtype. On CPUs with AMX a bf16 base makes training ~2x faster; the update stays fp32."""
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)  # same Parameter object: tied weights stay tied
+    return model
+
+
 # ---------------------------------------------------------------------------------------------------- reporting
 @dataclass
 class ParameterReport:
