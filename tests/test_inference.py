@@ -133,3 +133,25 @@ def test_prompt_files_and_adapter_lookup(tmp_path):
     (tmp_path / "outside").mkdir()
     with pytest.raises(LorakitError, match="not found"):
         resolve_adapter_dir("../outside", tmp_path / "adapters" / "mine")
+
+
+def test_generate_command_streams_a_prompt_and_answers_a_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from lorakit.cli import app
+    from tiny_text import save_tiny_lm
+
+    save_tiny_lm(tmp_path / "base")
+    model, tok = lk.load_model(str(tmp_path / "base"))
+    make_adapter(model, "default", seed=1)
+    lk.save_adapter(model, tmp_path / "adapters" / "mine")
+    expected = generate(model, tok, [PROMPTS[0]], "default", Sampling(max_new_tokens=8), chat=True)[0].text
+    common = ["--model", str(tmp_path / "base"), "--adapter", "mine", "--adapters-dir", str(tmp_path / "adapters"),
+              "--max-new-tokens", "8"]
+    result = CliRunner().invoke(app, ["generate", PROMPTS[0], *common])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == expected.strip()
+    (tmp_path / "prompts.txt").write_text(PROMPTS[0] + "\n" + PROMPTS[1] + "\n")
+    result = CliRunner().invoke(app, ["generate", "--prompts-file", str(tmp_path / "prompts.txt"), *common])
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["prompt"] for line in lines] == PROMPTS[:2] and lines[0]["output"] == expected
