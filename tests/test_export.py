@@ -9,8 +9,9 @@ from typer.testing import CliRunner
 import lorakit as lk
 from lorakit.cli import app
 from lorakit.errors import LorakitError
-from lorakit.export import REPORT_FILE, _check_untied, merge_to_directory
+from lorakit.export import REPORT_FILE, check_mergeable, merge_to_directory
 
+from conftest import tiny_llama
 from tiny_text import make_adapter, save_tiny_lm
 
 # Loads a merged folder with plain transformers while `import lorakit` is impossible, and prints its logits.
@@ -76,7 +77,7 @@ def test_lossy_bf16_merge_is_refused_unless_forced(trained):
     assert report.max_logit_diff / 10 < drift < 10 * report.max_logit_diff
 
 
-def test_merging_into_a_tied_weight_is_refused():
+def test_merging_into_a_tied_or_quantized_weight_is_refused():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
@@ -84,7 +85,12 @@ def test_merging_into_a_tied_weight_is_refused():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     lk.add_lora(model, lk.LoraConfig(r=2, target_modules=["lm_head"]))
     with pytest.raises(LorakitError, match="tied"):
-        _check_untied(model)
+        check_mergeable(model)
+    quantized = lk.add_lora(tiny_llama(), lk.LoraConfig(r=2))
+    q_proj = quantized.model.layers[0].self_attn.q_proj.base_layer
+    q_proj.weight = torch.nn.Parameter(q_proj.weight.to(torch.int8), requires_grad=False)
+    with pytest.raises(LorakitError, match="quantized"):
+        check_mergeable(quantized)
 
 
 def test_merge_command_prints_the_difference(trained, tmp_path):

@@ -155,3 +155,30 @@ def test_generate_command_streams_a_prompt_and_answers_a_file(tmp_path):
     result = CliRunner().invoke(app, ["generate", "--prompts-file", str(tmp_path / "prompts.txt"), *common])
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["prompt"] for line in lines] == PROMPTS[:2] and lines[0]["output"] == expected
+
+
+@pytest.fixture
+def one_thread():
+    """On the shared 2-core machine two intra-op threads make each SmolLM2 forward ~10x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_real_model_mixed_batch_with_chat_template_matches_alone(one_thread):
+    model, tok = lk.load_model()
+    gen = torch.Generator().manual_seed(0)
+    for name in ("x", "y"):
+        lk.add_lora(model, lk.LoraConfig(r=8, alpha=16), adapter=name)
+        with torch.no_grad():
+            for _, layer in lk.injection.lora_layers(model):
+                if name in layer.adapters:
+                    layer.lora_B[name].weight.copy_(torch.randn(layer.lora_B[name].weight.shape, generator=gen) * 0.01)
+    prompts = ["Name a fruit.", "Say hello in Spanish.", "What is the capital of France?"]
+    adapters = ["x", "y", None]
+    batch = generate(model, tok, prompts, adapters, Sampling(max_new_tokens=8), chat=True)
+    for prompt, adapter, got in zip(prompts, adapters, batch):
+        assert got.token_ids == generate(model, tok, [prompt], adapter, Sampling(max_new_tokens=8), chat=True)[0].token_ids
+    assert "Paris" in batch[2].text  # the chat template is applied: the instruct model answers

@@ -54,17 +54,27 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-def _check_untied(model: nn.Module) -> None:
-    """Merging into a weight shared with another module (tied embeddings) would silently change both."""
+def check_mergeable(model: nn.Module) -> None:
+    """Refuse merges that cannot be exact: quantized base weights, or a weight tied to another module."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise LorakitError("The base model is quantized, so ΔW cannot be added to its weights exactly. Load an "
+                           "unquantized copy of the base (lorakit's load_model dequantizes GGUF files) and merge "
+                           "into that; the merge report then shows the drift.")
     owners: dict[int, list[str]] = {}
     for name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append(f"{name}.{pname}")
     for name, layer in lora_layers(model):
-        if isinstance(layer, LORA_LAYERS) and len(owners[id(layer.base_layer.weight)]) > 1:
-            raise LorakitError(f"The adapter changes {name}, whose weight is tied to "
-                               f"{owners[id(layer.base_layer.weight)]}; merging would change both. Train the adapter "
-                               "without that module, or untie the weights before merging.")
+        if not isinstance(layer, LORA_LAYERS):
+            continue
+        weight = layer.base_layer.weight
+        if not weight.is_floating_point():
+            raise LorakitError(f"{name} stores its base weight as {weight.dtype} (quantized); merging would corrupt "
+                               "it. Merge into an unquantized copy of the base.")
+        if len(owners[id(weight)]) > 1:
+            raise LorakitError(f"The adapter changes {name}, whose weight is tied to {owners[id(weight)]}; merging "
+                               "would change both. Train the adapter without that module, or untie the weights "
+                               "before merging.")
 
 
 def _delta_lost(model: nn.Module, dtype: torch.dtype) -> float:
@@ -91,7 +101,7 @@ def merge_to_directory(model: str, adapter: str | os.PathLike, out: str | os.Pat
         raise LorakitError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
     base, tokenizer = load_model(model, dtype=torch.float32)
     load_adapter(base, adapter)
-    _check_untied(base)
+    check_mergeable(base)
     reference = _probe_logits(base, tokenizer, probe_texts)
     with disable_adapters(base):
         effect = _max_diff(_probe_logits(base, tokenizer, probe_texts), reference)
