@@ -74,7 +74,8 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(lm):
     assert batch[2].token_ids != alone.token_ids  # another seed, another sample
     greedy = generate(model, tok, [PROMPTS[4]], "b", Sampling(max_new_tokens=10))[0]
     top1 = generate(model, tok, [PROMPTS[4]], "b", Sampling(max_new_tokens=10, temperature=0.7, top_k=1, seed=0))[0]
-    tiny_p = generate(model, tok, [PROMPTS[4]], "b", Sampling(max_new_tokens=10, temperature=0.7, top_p=1e-6, seed=0))[0]
+    tiny_p = generate(model, tok, [PROMPTS[4]], "b",
+                      Sampling(max_new_tokens=10, temperature=0.7, top_p=1e-6, seed=0))[0]
     assert top1.token_ids == greedy.token_ids == tiny_p.token_ids
 
 
@@ -155,6 +156,8 @@ def test_generate_command_streams_a_prompt_and_answers_a_file(tmp_path):
     result = CliRunner().invoke(app, ["generate", "--prompts-file", str(tmp_path / "prompts.txt"), *common])
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["prompt"] for line in lines] == PROMPTS[:2] and lines[0]["output"] == expected
+    result = CliRunner().invoke(app, ["generate", "--chat", *common], input=PROMPTS[0] + "\n\n")
+    assert result.exit_code == 0 and "model: " + expected in result.stdout
 
 
 @pytest.fixture
@@ -180,5 +183,6 @@ def test_real_model_mixed_batch_with_chat_template_matches_alone(one_thread):
     adapters = ["x", "y", None]
     batch = generate(model, tok, prompts, adapters, Sampling(max_new_tokens=8), chat=True)
     for prompt, adapter, got in zip(prompts, adapters, batch):
-        assert got.token_ids == generate(model, tok, [prompt], adapter, Sampling(max_new_tokens=8), chat=True)[0].token_ids
+        alone = generate(model, tok, [prompt], adapter, Sampling(max_new_tokens=8), chat=True)[0]
+        assert got.token_ids == alone.token_ids
     assert "Paris" in batch[2].text  # the chat template is applied: the instruct model answers

@@ -1,4 +1,4 @@
-"""A tiny word-level tokenizer with a chat template, built in-process (no downloads), to pair with conftest's tiny_llama."""
+"""A tiny word-level tokenizer with a chat template, built in-process (no downloads), for conftest's tiny_llama."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ class MergeReport:
     adapter_effect: float
     """Max |base + adapter − base| logits on the same inputs: the size of what the merge must preserve."""
     delta_lost: float
-    """‖round(W + ΔW) − round(W) − ΔW‖ / ‖ΔW‖ over the merged weights: the share of ΔW lost to the target dtype."""
+    """‖round(W + ΔW) − round(W) − ΔW‖ / ‖ΔW‖ over the merged weights: the share of ΔW lost to rounding."""
     forced: bool
 
     def __str__(self) -> str:

@@ -92,7 +92,7 @@ def encode_chat(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts from a text file (one per line) or a JSONL file (a string or an object with a "prompt" field per line)."""
+    """Prompts from a text file (one per line) or JSONL (per line: a string, or an object with a "prompt" string)."""
     import json
 
     path = Path(path)
@@ -107,7 +107,8 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
         if isinstance(item, dict) and isinstance(item.get("prompt"), str):
             item = item["prompt"]
         if not isinstance(item, str):
-            raise LorakitError(f"{path}:{i}: expected a JSON string or an object with a string \"prompt\", got {line!r}.")
+            raise LorakitError(f"{path}:{i}: expected a JSON string or an object with a string \"prompt\", "
+                               f"got {line!r}.")
         prompts.append(item)
     return prompts
 
@@ -148,7 +149,7 @@ def _end_token_ids(model: nn.Module, tokenizer) -> set[int]:
 
 
 def _pick_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: list) -> list[int]:
-    """Next token per row: argmax for greedy rows, else temperature / top-k / top-p sampling with the row's generator."""
+    """Next token per row: argmax for greedy rows, else temperature / top-k / top-p sampling (row's own generator)."""
     picked = logits.argmax(-1).tolist()  # (B,)
     for i, s in enumerate(samplings):
         if s.temperature == 0:
@@ -268,7 +269,10 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], adapters: Sequ
         adapters = [adapters] * len(prompts)
     if len(adapters) != len(prompts):
         raise LorakitError(f"Got {len(prompts)} prompts but {len(adapters)} adapter names; give one per prompt.")
-    encode = (lambda p: encode_chat(tokenizer, [{"role": "user", "content": p}])) if chat else \
-        (lambda p: encode_prompt(tokenizer, p))
+    def encode(prompt: str) -> list[int]:
+        if chat:
+            return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
+        return encode_prompt(tokenizer, prompt)
+
     rows = [Row(encode(p), a, sampling) for p, a in zip(prompts, adapters)]
     return generate_rows(model, tokenizer, rows, on_text)
