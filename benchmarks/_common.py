@@ -1,0 +1,234 @@
+"""Shared benchmark harness: which parameters train for each method, a minimal fixed-step training loop, data
+batching for E2E and GLUE, and result files. Benchmark-only code: the scripts here compare methods under one
+identical loop (same examples, order, steps, schedule), which is why they do not go through a general trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "src"))
+
+from lorakit import LoraConfig, add_lora  # noqa: E402
+from lorakit.benchmark_data import DEFAULT_DATA_DIR, load_e2e, load_glue  # noqa: E402
+from lorakit.evaluation import e2e_prompt, results_table  # noqa: E402
+from lorakit.fsutil import atomic_write_text  # noqa: E402
+
+RESULTS = ROOT / "results"
+RUNS = ROOT / "runs"  # adapters saved for `lorakit analyze`; git-ignored
+
+
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(ROOT.parent / DEFAULT_DATA_DIR),
+                        help="shared benchmark data folder (default: ../shared/data next to the repo)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="bfloat16 autocast for training and decoding (master weights stay fp32)")
+    parser.add_argument("--out", default=str(RESULTS), help="results folder")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------- methods
+def prepare(model: torch.nn.Module, method: str, lora: LoraConfig | None = None) -> None:
+    """Set which parameters train. lora: add_lora; full: everything; bitfit: biases, plus the norm weights on models
+    without biases (Llama/SmolLM2 has none, so there BitFit means RMSNorm weights); base: nothing."""
+    if method == "lora":
+        add_lora(model, lora)
+        return
+    for name, p in model.named_parameters():
+        if method == "full":
+            p.requires_grad_(True)
+        elif method == "bitfit":
+            p.requires_grad_(name.endswith(".bias") or "norm" in name.lower() or name.endswith("classifier.weight"))
+        elif method == "base":
+            p.requires_grad_(False)
+        else:
+            raise ValueError(f"unknown method {method!r}")
+
+
+def trainable_count(model: torch.nn.Module) -> tuple[int, int]:
+    params = list(model.parameters())  # shared (tied) tensors appear once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# ---------------------------------------------------------------------------------------------------- loop
+def train(model, batches: Iterator[dict[str, torch.Tensor]], steps: int, lr: float, bf16: bool, warmup: int = 10,
+          log_every: int = 10, tag: str = "") -> dict[str, Any]:
+    """AdamW (weight decay 0), linear warm-up then linear decay to 0, gradient clipping at 1.0."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / max(1, warmup), max(0.0, (steps - s) / max(1, steps - warmup))))
+    model.train()
+    losses, t0 = [], time.time()
+    for step in range(steps):
+        batch = next(batches)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0 or step == 0:
+            recent = losses[-log_every:]
+            print(f"  [{tag}] step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} "
+                  f"({(time.time() - t0) / (step + 1):.2f} s/step)", flush=True)
+    model.eval()
+    tail = losses[-max(1, steps // 10):]
+    return {"steps": steps, "train_seconds": round(time.time() - t0, 1), "first_loss": round(losses[0], 4),
+            "final_loss": round(sum(tail) / len(tail), 4), "seconds_per_step": round((time.time() - t0) / steps, 3)}
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def e2e_batches(tokenizer, data_dir: str, examples: int, batch_size: int, seed: int,
+                max_length: int = 160) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches of (prompt, target) pairs from `examples` train pairs drawn with `seed`; loss on the target and
+    the end token only. Every method sees the same pairs in the same order."""
+    rows = load_e2e("train", data_dir)
+    rng = random.Random(seed)
+    rows = rng.sample(rows, min(examples, len(rows)))
+    eos = tokenizer.eos_token
+    encoded = []
+    for r in rows:
+        prompt = tokenizer(e2e_prompt(r["mr"]))["input_ids"]
+        target = tokenizer(" " + r["references"][0] + eos)["input_ids"]
+        ids = (prompt + target)[:max_length]
+        encoded.append((ids, ([-100] * len(prompt) + target)[:max_length]))
+    pad = tokenizer.pad_token_id
+    epoch = 0
+    while True:
+        order = list(range(len(encoded)))
+        random.Random(seed * 1000 + epoch).shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            chunk = [encoded[i] for i in order[start:start + batch_size]]
+            width = max(len(ids) for ids, _ in chunk)
+            yield {
+                "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in chunk]),
+                "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk]),
+                "labels": torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in chunk]),
+            }
+        epoch += 1
+
+
+def glue_batches(tokenizer, task: str, data_dir: str, examples: int, batch_size: int, seed: int,
+                 max_length: int = 128) -> Iterator[dict[str, torch.Tensor]]:
+    rows = load_glue(task, "train", data_dir)
+    rows = random.Random(seed).sample(rows, min(examples, len(rows)))
+    epoch = 0
+    while True:
+        order = list(range(len(rows)))
+        random.Random(seed * 1000 + epoch).shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            chunk = [rows[i] for i in order[start:start + batch_size]]
+            enc = tokenizer(*zip(*[r["texts"] for r in chunk]), return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_length)
+            labels = [r["label"] for r in chunk]
+            enc["labels"] = torch.tensor(labels, dtype=torch.float32 if isinstance(labels[0], float) else torch.long)
+            yield dict(enc)
+        epoch += 1
+
+
+# ---------------------------------------------------------------------------------------------------- results
+def environment() -> dict[str, Any]:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def write(name: str, out: str | Path, report: dict[str, Any], table_rows: dict[str, dict[str, Any]],
+          columns: list[str], header: str) -> None:
+    """benchmarks/results/<name>.json (everything) and <name>.md (header + the table)."""
+    out = Path(out)
+    report = {**report, "environment": environment()}
+    atomic_write_text(out / f"{name}.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / f"{name}.md", header.rstrip() + "\n\n" + results_table(table_rows, columns))
+    print(results_table(table_rows, columns))
+
+
+def set_threads(n: int) -> None:
+    torch.set_num_threads(max(1, n))
+
+
+def budget_line(**items: Any) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in items.items())
+
+
+
+def pct(trainable: int, total: int) -> float:
+    return round(100 * trainable / total, 4) if total else math.nan
+
+
+# ---------------------------------------------------------------------------------------------------- E2E runs
+def e2e_arguments(parser: argparse.ArgumentParser, steps: int, eval_limit: int) -> None:
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps per method")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--train-examples", type=int, default=None, help="distinct train pairs (default steps×batch)")
+    parser.add_argument("--eval-limit", type=int, default=eval_limit, help="dev MRs scored (0 = all 547)")
+    parser.add_argument("--decoding", default="greedy", choices=["greedy", "beam"])
+    parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--full-size", action="store_true",
+                        help="the paper's scale: all 42,061 train pairs, 5 epochs, all 547 dev MRs, beam 10 (GPU)")
+
+
+def e2e_apply_full_size(args: argparse.Namespace) -> None:
+    if args.full_size:
+        args.train_examples, args.eval_limit, args.decoding, args.num_beams = 42061, 0, "beam", 10
+        args.steps = 5 * 42061 // args.batch_size
+    args.train_examples = args.train_examples or args.steps * args.batch_size
+
+
+def e2e_budget(args: argparse.Namespace, runs: int) -> str:
+    return budget_line(runs=runs, steps_per_run=args.steps, batch=args.batch_size,
+                       train_pairs=args.train_examples, dev_MRs=args.eval_limit or 547,
+                       decoding=f"{args.decoding}" + (f"×{args.num_beams}" if args.decoding == "beam" else ""),
+                       max_new_tokens=args.max_new_tokens, precision="bf16 autocast" if args.bf16 else "fp32")
+
+
+def e2e_run(args: argparse.Namespace, method: str, lr: float, lora: LoraConfig | None = None,
+            save_to: Path | None = None, tag: str | None = None) -> dict[str, Any]:
+    """Load SmolLM2-135M fresh, make `method`'s parameters trainable, train on the shared E2E pairs, score the dev MRs."""
+    from lorakit import load_model, save_adapter
+    from lorakit.evaluation import EvalConfig, GenerationConfig, evaluate_model
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model("smollm2-135m")
+    prepare(model, method, lora)
+    trainable, total = trainable_count(model)
+    row: dict[str, Any] = {"trainable_params": trainable, "trainable_pct": pct(trainable, total)}
+    if method != "base":
+        batches = e2e_batches(tokenizer, args.data_dir, args.train_examples, args.batch_size, args.seed)
+        row.update(train(model, batches, args.steps, lr, args.bf16, tag=tag or method))
+        row["lr"] = lr
+    if save_to is not None and method == "lora":
+        save_adapter(model, save_to)
+    config = EvalConfig(task="e2e", limit=args.eval_limit or None, data_dir=args.data_dir,
+                        generation=GenerationConfig(decoding=args.decoding, num_beams=args.num_beams,
+                                                    max_new_tokens=args.max_new_tokens,
+                                                    batch_size=args.eval_batch_size, bf16=args.bf16))
+    scores, outputs = evaluate_model(model, tokenizer, config)
+    row.update(scores)
+    row["eval_seconds"] = row.pop("seconds")
+    row["samples"] = outputs[:3]
+    print(f"  [{tag or method}] {scores}", flush=True)
+    return row
+
+
+E2E_COLUMNS = ["trainable_params", "trainable_pct", "bleu", "nist", "meteor", "rouge_l", "cider", "final_loss",
+               "train_seconds"]
