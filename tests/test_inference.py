@@ -186,3 +186,21 @@ def test_real_model_mixed_batch_with_chat_template_matches_alone(one_thread):
         alone = generate(model, tok, [prompt], adapter, Sampling(max_new_tokens=8), chat=True)[0]
         assert got.token_ids == alone.token_ids
     assert "Paris" in batch[2].text  # the chat template is applied: the instruct model answers
+
+
+def test_streamed_text_waits_for_whole_characters_and_possible_stop_strings():
+    from lorakit.inference import _RowText
+
+    class ByteLevel:  # decode() of a byte-level tokenizer: a half emoji decodes to U+FFFD
+        texts = {(1,): "Hola", (1, 2): "Hola \ufffd", (1, 2, 3): "Hola 😊", (1, 2, 3, 4): "Hola 😊 EN",
+                 (1, 2, 3, 4, 5): "Hola 😊 END"}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return self.texts[tuple(ids)]
+
+    row = _RowText(ByteLevel(), stop=["END"])
+    assert [row.add(t) for t in (1, 2, 3, 4, 5)] == [("Ho", False), ("", False), ("la", False), (" 😊 ", False),
+                                                     ("", True)]
+    assert row.emitted == "Hola 😊 "
+    cut = _RowText(ByteLevel(), stop=[])
+    assert [cut.add(1), cut.add(2), cut.finish()] == [("Hola", False), ("", False), " "]  # half a character dropped

@@ -159,6 +159,103 @@ def serve(
                     max_tokens_limit=max_tokens_limit, dtype=dtype))
 
 
+@app.command()
+def generate(
+    prompt: Optional[str] = typer.Argument(None, help="The prompt. Omit it to use --prompts-file or --chat."),
+    model: str = typer.Option("smollm2-135m", help="Base model: embedded name, model folder or hub id."),
+    adapter: Optional[str] = typer.Option(None, help="Adapter folder, or its name inside --adapters-dir."),
+    adapters_dir: Path = typer.Option(Path("adapters"), help="Where adapter names are looked up."),
+    prompts_file: Optional[Path] = typer.Option(None, help="One prompt per line (.txt) or JSONL; answers as JSONL."),
+    chat: bool = typer.Option(False, help="Interactive chat with the tokenizer's chat template (empty line ends)."),
+    template: bool = typer.Option(True, help="Wrap prompts as a user message in the chat template."),
+    max_new_tokens: int = typer.Option(128, help="New tokens per answer at most."),
+    temperature: float = typer.Option(0.0, help="0 = greedy; above 0 samples."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
+    top_k: int = typer.Option(0, help="Sample among the k most likely tokens (0 = all)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    batch_size: int = typer.Option(16, help="Prompts decoded together with --prompts-file."),
+) -> None:
+    """Generate text from a prompt, a file of prompts or an interactive chat, streamed to the terminal."""
+    import json
+
+    from lorakit import load_adapter, load_model
+    from lorakit.inference import Row, Sampling, encode_chat, generate_rows, read_prompts, resolve_adapter_dir
+    from lorakit.inference import generate as run
+
+    if sum([prompt is not None, prompts_file is not None, chat]) != 1:
+        raise LorakitError("Give exactly one of: a PROMPT argument, --prompts-file FILE, or --chat.")
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    base, tokenizer = load_model(model)
+    name = None
+    if adapter is not None:
+        name = "default"
+        load_adapter(base, resolve_adapter_dir(adapter, adapters_dir), adapter=name)
+    use_template = template and bool(getattr(tokenizer, "chat_template", None))
+
+    def show(_row: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if prompt is not None:
+        run(base, tokenizer, [prompt], name, sampling, chat=use_template, on_text=show)
+        typer.echo()
+    elif prompts_file is not None:
+        prompts = read_prompts(prompts_file)
+        for start in range(0, len(prompts), batch_size):
+            part = prompts[start:start + batch_size]
+            for p, c in zip(part, run(base, tokenizer, part, name, sampling, chat=use_template)):
+                typer.echo(json.dumps({"prompt": p, "output": c.text, "finish_reason": c.finish_reason},
+                                      ensure_ascii=False))
+    else:
+        messages: list[dict[str, str]] = []
+        while True:
+            line = typer.prompt("you", default="", show_default=False)
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            sys.stdout.write("model: ")
+            answer = generate_rows(base, tokenizer, [Row(encode_chat(tokenizer, messages), name, sampling)], show)[0]
+            typer.echo()
+            messages.append({"role": "assistant", "content": answer.text})
+
+
+@app.command()
+def merge(
+    adapter: Path = typer.Argument(..., help="The adapter folder to merge."),
+    out: Path = typer.Option(..., help="The merged model folder to write (plain transformers, no lorakit needed)."),
+    model: str = typer.Option("smollm2-135m", help="The base model the adapter was trained on."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    max_drift: float = typer.Option(1e-3, help="Largest allowed logit difference vs base+adapter."),
+    force: bool = typer.Option(False, help="Write the merged model even if the drift exceeds --max-drift."),
+) -> None:
+    """Merge an adapter into its base and write a model folder AutoModelForCausalLM.from_pretrained loads."""
+    from lorakit.export import merge_to_directory
+
+    typer.echo(str(merge_to_directory(model, adapter, out, dtype=dtype, max_drift=max_drift, force=force)))
+
+
+@app.command()
+def serve(
+    model: str = typer.Option("smollm2-135m", help="Base model: embedded name, model folder or hub id."),
+    adapters_dir: Path = typer.Option(Path("adapters"), help="Adapter folders that may be served (by folder name)."),
+    adapter: Optional[list[str]] = typer.Option(None, help="Adapter name to load at start (repeatable); default all."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="TCP port."),
+    admin_token: Optional[str] = typer.Option(None, envvar="LORAKIT_ADMIN_TOKEN",
+                                              help="Bearer token for /admin endpoints (unset: admin disabled)."),
+    max_batch_size: int = typer.Option(16, help="Most requests decoded together."),
+    batch_wait_ms: float = typer.Option(10.0, help="How long to wait for more requests to batch."),
+    max_tokens_limit: int = typer.Option(512, help="Largest max_tokens a request may ask for."),
+    dtype: str = typer.Option("float32", help="Base weights' dtype: float32 or bfloat16."),
+) -> None:
+    """Serve the base and its adapters over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
+    from lorakit.serving import ServeConfig, serve as run
+
+    run(ServeConfig(model=model, adapters_dir=str(adapters_dir), adapters=adapter or None, host=host, port=port,
+                    admin_token=admin_token, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+                    max_tokens_limit=max_tokens_limit, dtype=dtype))
+
+
 # -- commands from other concerns are added above this line --
 
 

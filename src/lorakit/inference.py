@@ -189,7 +189,7 @@ class _RowText:
 
     def finish(self) -> str:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        return self._emit(text)
+        return self._emit(text.rstrip("\ufffd"))  # a character cut off by the length limit is dropped
 
     def _emit(self, text: str) -> str:
         if not text.startswith(self.emitted) or len(text) <= len(self.emitted):
