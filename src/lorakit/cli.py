@@ -160,6 +160,89 @@ def serve(
                     max_tokens_limit=max_tokens_limit, dtype=dtype))
 
 
+_TRAIN_OPTIONS = {  # CLI option -> dotted TrainConfig key
+    "train_file": "data.train_file", "eval_file": "data.eval_file", "format": "data.format",
+    "max_length": "data.max_length", "model": "model", "output_dir": "output_dir", "seed": "seed",
+    "lr": "optim.lr", "epochs": "optim.epochs", "max_steps": "optim.max_steps", "batch_size": "optim.batch_size",
+    "grad_accum": "optim.grad_accum", "r": "lora.r", "alpha": "lora.alpha", "precision": "precision",
+    "base_dtype": "base_dtype", "eval_every": "eval_every", "save_every": "save_every", "metric": "metric",
+    "gradient_checkpointing": "gradient_checkpointing",
+}
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML training config."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its newest checkpoint."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override any key: --set optim.warmup_ratio=0.1."),
+    train_file: Optional[str] = typer.Option(None, help="Training data (.jsonl/.json/.csv/.parquet or datasets dir)."),
+    eval_file: Optional[str] = typer.Option(None, help="Validation data."),
+    data_dir: Path = typer.Option(DEFAULT_DATA_DIR, help="Relative data paths not found here are looked up in it."),
+    format: Optional[str] = typer.Option(None, help="instruction, chat, text, classification or auto."),
+    max_length: Optional[int] = typer.Option(None, help="Truncate examples to this many tokens."),
+    model: Optional[str] = typer.Option(None, help="Base model: embedded name, model folder or hub id."),
+    output_dir: Optional[str] = typer.Option(None, help="The run folder."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the training data."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Examples per micro-batch."),
+    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
+    r: Optional[int] = typer.Option(None, help="LoRA rank."),
+    alpha: Optional[float] = typer.Option(None, help="LoRA alpha."),
+    target_modules: Optional[str] = typer.Option(None, help="Comma-separated names, a regex, or 'all-linear'."),
+    precision: Optional[str] = typer.Option(None, help="fp32 or bf16 (autocast)."),
+    base_dtype: Optional[str] = typer.Option(None, help="bf16 casts the frozen base once (faster on AMX CPUs)."),
+    eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps."),
+    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
+    metric: Optional[str] = typer.Option(None, help="accuracy or exact_match on the validation data."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, help="Trade compute for memory."),
+    show_example: bool = typer.Option(False, help="Print the tokens of the first example as the model sees them."),
+) -> None:
+    """Fine-tune with LoRA from a YAML config plus command-line overrides; resumable (--resume RUN_DIR)."""
+    from lorakit.training import TrainConfig, train as run
+
+    values = {"train_file": train_file, "eval_file": eval_file, "format": format, "max_length": max_length,
+              "model": model, "output_dir": output_dir, "seed": seed, "lr": lr, "epochs": epochs,
+              "max_steps": max_steps, "batch_size": batch_size, "grad_accum": grad_accum, "r": r, "alpha": alpha,
+              "precision": precision, "base_dtype": base_dtype, "eval_every": eval_every, "save_every": save_every,
+              "metric": metric, "gradient_checkpointing": gradient_checkpointing}
+    overrides = {_TRAIN_OPTIONS[k]: v for k, v in values.items() if v is not None}
+    if target_modules is not None:
+        overrides["lora.target_modules"] = _parse_targets(target_modules)
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LorakitError(f"--set expects KEY=VALUE (e.g. optim.lr=1e-4), got {item!r}.")
+        overrides[key.strip()] = value
+    for key in ("data.train_file", "data.eval_file"):
+        path = overrides.get(key)
+        if isinstance(path, str) and not Path(path).exists() and (data_dir / path).exists():
+            overrides[key] = str(data_dir / path)
+    if resume is not None:
+        if config is not None or overrides:
+            raise LorakitError("--resume continues a run with its saved config; do not combine it with --config "
+                               "or overrides (start a new run for different settings).")
+        result = run(None, resume=resume, show_example_first=show_example)
+    else:
+        result = run(TrainConfig.from_yaml(config, overrides), show_example_first=show_example)
+    if result.interrupted:
+        typer.echo(f"stopped at step {result.steps}; resume with: lorakit train --resume {result.run_dir}")
+    else:
+        typer.echo(f"adapter: {result.adapter_dir}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Where the generated data, the run and the report go."),
+    epochs: int = typer.Option(1, help="Training epochs over the 300 generated examples."),
+) -> None:
+    """The main job: teach SmolLM2-135M a strict output format with LoRA and show base vs adapted, merged == unmerged."""
+    from lorakit.demo import run_demo
+
+    run_demo(out, epochs=epochs)
+
+
 # -- commands from other concerns are added above this line --
 
 

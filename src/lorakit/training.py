@@ -557,12 +557,12 @@ def plot_loss(history: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-def summary_table(summary: dict[str, Any]) -> str:
-    """The end-of-run table as text (rich)."""
+def summary_table(summary: dict[str, Any], title: str = "training summary") -> str:
+    """A two-column table as text (rich)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="training summary", show_header=False)
+    table = Table(title=title, show_header=False)
     for k, v in summary.items():
         table.add_row(k, f"{v:,.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
     console = Console(width=100, record=True, force_terminal=False)
@@ -719,7 +719,7 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
                     loss = batch_loss(model, b, task)
                 if not torch.isfinite(loss):
                     last = checkpoints(run_dir)
-                    raise LorakitError(f"The loss became {float(loss)} at step {step + 1}; training stopped. "
+                    raise LorakitError(f"The loss became {float(loss.detach())} at step {step + 1}; training stopped. "
                                        f"The last good checkpoint is {last[-1] if last else 'none (no checkpoint yet)'}. "
                                        "Try a lower optim.lr, fp32 precision, or check the data.")
                 (loss * (loss_tokens(b) / n_targets)).backward()
