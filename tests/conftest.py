@@ -7,7 +7,9 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Respect OMP_NUM_THREADS when set (a shared, loaded machine); otherwise use up to 2 threads.
+if not os.environ.get("OMP_NUM_THREADS"):
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def tiny_llama(seed: int = 0):
