@@ -63,6 +63,50 @@ def _parse_targets(value: Optional[str]):
     return value  # a regex
 
 
+@app.command("eval")
+def eval_(
+    adapters: Optional[list[Path]] = typer.Argument(None, help="Adapter folders to evaluate (several in one call)."),
+    task: str = typer.Option("e2e", help="e2e, sst2, mrpc, rte, cola or stsb."),
+    model: str = typer.Option("smollm2-135m", help="Base model: embedded name, model folder (e.g. a merged model) or hub id."),
+    base: bool = typer.Option(True, help="Also evaluate the base model without adapters."),
+    merge: bool = typer.Option(False, help="Merge each adapter into the weights before evaluating it."),
+    data_dir: Path = typer.Option(DEFAULT_DATA_DIR, help="The shared benchmark data folder."),
+    split: Optional[str] = typer.Option(None, help="dev (E2E) / validation (GLUE) by default."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N examples."),
+    decoding: str = typer.Option("greedy", help="greedy or beam."),
+    num_beams: int = typer.Option(4, help="Beams for --decoding beam."),
+    max_new_tokens: int = typer.Option(64, help="New tokens per output at most."),
+    batch_size: int = typer.Option(16, help="Prompts (or texts) per batch."),
+    bf16: bool = typer.Option(False, help="bfloat16 autocast for generation (faster on CPU)."),
+    out: Optional[Path] = typer.Option(None, help="Write results.json, results.md and outputs/*.jsonl here."),
+) -> None:
+    """Score the base model and/or adapters on a benchmark (E2E: BLEU, NIST, METEOR, ROUGE-L, CIDEr; GLUE metrics)."""
+    from lorakit.evaluation import EvalConfig, GenerationConfig, evaluate_many, results_table
+
+    config = EvalConfig(task=task, split=split, limit=limit, data_dir=str(data_dir),
+                        generation=GenerationConfig(decoding=decoding, num_beams=num_beams,
+                                                    max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=bf16))
+    report = evaluate_many(config, model=model, adapters=[str(a) for a in adapters or []], include_base=base,
+                           merge=merge, out_dir=out)
+    typer.echo(results_table(report["results"]))
+
+
+@app.command()
+def analyze(
+    adapter1: Path = typer.Argument(..., help="An adapter folder."),
+    adapter2: Optional[Path] = typer.Argument(None, help="A second adapter on the same base (e.g. another rank or seed)."),
+    model: Optional[str] = typer.Option(None, help="Base model for the amplification factor of ADAPTER1's ΔW."),
+    matrix: str = typer.Option("A", help="Compare subspaces of the A matrices (as in the paper) or of ΔW ('delta')."),
+    random_draws: int = typer.Option(10, help="Random direction draws averaged for the amplification baseline."),
+    out: Optional[Path] = typer.Option(None, help="Write analysis.json, analysis.md and subspace_similarity.png here."),
+) -> None:
+    """The paper's ΔW analysis: normalised subspace similarity between two adapters and the amplification factor."""
+    from lorakit.analysis import analyze as run
+
+    report = run(adapter1, adapter2, model=model, matrix=matrix, out_dir=out, random_draws=random_draws)
+    typer.echo(report["markdown"])
+
+
 @app.command()
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="The prompt. Omit it to use --prompts-file or --chat."),
