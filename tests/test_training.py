@@ -211,3 +211,54 @@ def test_classification_with_head_in_modules_to_save(tmp_path, tok):
         "optim": {"lr": 2e-2, "batch_size": 4, "epochs": 15, "weight_decay": 0.0}}), model, tok)
     assert result.metrics["accuracy"] >= 0.9
     assert any("classifier" in k for k in load_file(str(result.adapter_dir / "adapter_model.safetensors")))
+
+
+def test_cli_train_from_yaml_with_overrides_on_a_model_folder(tmp_path, data_file, capsys):
+    from lorakit.cli import main
+    from tiny_text import save_tiny_lm
+
+    model_dir = save_tiny_lm(tmp_path / "tiny")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"model": str(model_dir), "output_dir": str(tmp_path / "run"), "progress": False,
+                                   "data": {"train_file": str(data_file)}, "lora": {"r": 2},
+                                   "optim": {"lr": 0.5, "max_steps": 50}}))
+    with pytest.raises(SystemExit) as ex:
+        main(["train", "--config", str(cfg), "--lr", "1e-2", "--max-steps", "2", "--set", "lora.alpha=4",
+              "--show-example"])
+    assert ex.value.code == 0
+    out = capsys.readouterr().out
+    assert "with loss (masked spans in ⟦…⟧)" in out and "adapter:" in out
+    saved = TrainConfig.from_yaml(tmp_path / "run" / "config.yaml")
+    assert (saved.optim.lr, saved.optim.max_steps, saved.lora.r, saved.lora.alpha) == (1e-2, 2, 2, 4)
+    assert list((tmp_path / "run" / "tb").iterdir())  # TensorBoard events
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+    loaded = lk.load_adapter(tiny_llama(), tmp_path / "run" / "adapter")
+    assert loaded is not None
+
+
+def test_gradient_checkpointing_and_bf16_options_train(tmp_path, tok, data_file, full):
+    ckpt = train(config(tmp_path / "gc", data_file, gradient_checkpointing=True), lora_model(), tok)
+    A, B = adapter(full.run_dir), adapter(ckpt.run_dir)
+    assert max(float((A[k] - B[k]).abs().max()) for k in A) < 1e-5  # same maths, recomputed activations
+    bf16 = train(config(tmp_path / "bf16", data_file, precision="bf16", base_dtype="bf16", optim__max_steps=3),
+                 lora_model(), tok)
+    assert all(v.dtype == torch.float32 for v in adapter(bf16.run_dir).values())  # LoRA weights stay fp32
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in bf16.history if "loss" in r)
+
+
+def test_exact_match_generates_with_the_trained_adapter(tok):
+    from conftest import randomize_lora_B
+    from lorakit.data import DataConfig, Record, tokenize
+    from lorakit.inference import Sampling, generate
+    from lorakit.training import exact_match
+
+    model = lora_model(dropout=0.0)
+    randomize_lora_B(model, std=2.0)
+    prompts = ["the cat and the dog", "hello world", "the sun is hot"]
+    adapted = [c.text for c in generate(model, tok, prompts, "default", Sampling(max_new_tokens=4), chat=True)]
+    base = [c.text for c in generate(model, tok, prompts, None, Sampling(max_new_tokens=4), chat=True)]
+    assert adapted != base
+    data = tokenize([Record({"prompt": p, "completion": a}, "x") for p, a in zip(prompts, adapted)], tok, DataConfig())
+    assert exact_match(model, tok, data, max_new_tokens=4) == 1.0
+    with lk.disable_adapters(model):
+        assert exact_match(model, tok, data, max_new_tokens=4) < 1.0

@@ -279,12 +279,12 @@ def train(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the generated data, the run and the report go."),
-    epochs: int = typer.Option(1, help="Training epochs over the 300 generated examples."),
+    steps: int = typer.Option(40, help="Optimizer steps (batch 4) over the 300 generated examples."),
 ) -> None:
     """The main job: teach SmolLM2-135M a strict output format with LoRA and show base vs adapted, merged == unmerged."""
     from lorakit.demo import run_demo
 
-    run_demo(out, epochs=epochs)
+    run_demo(out, steps=steps)
 
 
 # -- commands from other concerns are added above this line --

@@ -12,6 +12,7 @@ adapter reloaded into a fresh base -> adapted answers and exact match -> merge, 
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -64,12 +65,12 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _answers(model, tokenizer, prompts: list[str], batch_size: int = 30) -> list[str]:
+def _answers(model, tokenizer, prompts: list[str], adapter: str | None, batch_size: int = 30) -> list[str]:
     from lorakit.inference import Sampling, generate
 
     out = []
     for s in range(0, len(prompts), batch_size):
-        out += [c.text.strip() for c in generate(model, tokenizer, prompts[s:s + batch_size],
+        out += [c.text.strip() for c in generate(model, tokenizer, prompts[s:s + batch_size], adapter,
                                                  sampling=Sampling(max_new_tokens=20), chat=True)]
     return out
 
@@ -89,6 +90,16 @@ def _logits(model, tokenizer, rows: list[dict]) -> torch.Tensor:
     return logits[batch["attention_mask"].bool()]  # (tokens, V)
 
 
+def _pick_threads() -> int:
+    """Threads for torch: all cores on an idle machine, one when other jobs already keep every core busy (then
+    several threads mostly wait for each other at every barrier: measured here, 2.6 s/step with 1 thread vs 24 s
+    with 2 on 2 busy cores). OMP_NUM_THREADS, if set, wins."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    return 1 if os.getloadavg()[0] >= cores - 0.5 else cores
+
+
 @dataclass
 class DemoResult:
     exact_match_base: float
@@ -100,12 +111,15 @@ class DemoResult:
     adapter_dir: str
 
 
-def run_demo(out_dir: str | Path = "runs/demo", n_train: int = 300, n_test: int = 30, epochs: int = 1,
+def run_demo(out_dir: str | Path = "runs/demo", n_train: int = 300, n_test: int = 30, steps: int = 40,
              model_name: str = "smollm2-135m", show: int = 4) -> DemoResult:
     import lorakit as lk
     from lorakit.training import TrainConfig, summary_table, train
 
     started = time.perf_counter()
+    threads = _pick_threads()
+    torch.set_num_threads(threads)
+    print(f"torch threads: {threads} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     out = Path(out_dir)
     train_rows, test_rows = make_dataset(n_train, n_test)
     _write_jsonl(out / "data" / "train.jsonl", train_rows)
@@ -115,19 +129,19 @@ def run_demo(out_dir: str | Path = "runs/demo", n_train: int = 300, n_test: int 
     prompts = [r["prompt"] for r in test_rows]
 
     base, tokenizer = lk.load_model(model_name)
-    base_answers = _answers(base, tokenizer, prompts)
+    base_answers = _answers(base, tokenizer, prompts, None)
     em_base = _exact(base_answers, test_rows)
     print(f"base model exact match on held-out: {em_base:.1%}")
     del base
 
     run = out / "run"
     config = TrainConfig.from_dict({
-        "model": model_name, "output_dir": str(run), "seed": 0, "save_every": 25,
+        "model": model_name, "output_dir": str(run), "seed": 0, "save_every": 20,
         "keep_last": 1, "tensorboard": True,
         "data": {"train_file": str(out / "data" / "train.jsonl"), "eval_file": str(out / "data" / "heldout.jsonl"),
                  "max_length": 128},
         "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-        "optim": {"lr": 2e-3, "batch_size": 4, "epochs": epochs, "warmup_steps": 5, "weight_decay": 0.0},
+        "optim": {"lr": 2e-3, "batch_size": 4, "max_steps": steps, "warmup_steps": 4, "weight_decay": 0.0},
     })
     if run.exists():
         import shutil
@@ -139,15 +153,15 @@ def run_demo(out_dir: str | Path = "runs/demo", n_train: int = 300, n_test: int 
 
     # The user's path: a fresh fp32 base with the saved adapter loaded from disk.
     model, tokenizer = lk.load_model(model_name)
-    lk.load_adapter(model, result.adapter_dir)
-    adapted_answers = _answers(model, tokenizer, prompts)
+    lk.load_adapter(model, result.adapter_dir, adapter="default")
+    adapted_answers = _answers(model, tokenizer, prompts, "default")
     em_adapted = _exact(adapted_answers, test_rows)
 
     unmerged = _logits(model, tokenizer, test_rows)
     unmerged_text = adapted_answers[:show]
     lk.merge(model)
     merged = _logits(model, tokenizer, test_rows)
-    merged_text = _answers(model, tokenizer, prompts[:show])
+    merged_text = _answers(model, tokenizer, prompts[:show], "default")
     diff = float((merged - unmerged).abs().max())
 
     print("\nheld-out prompts (names and cities unseen in training):")
@@ -167,7 +181,7 @@ def run_demo(out_dir: str | Path = "runs/demo", n_train: int = 300, n_test: int 
         "adapter size on disk (bytes)": result.summary["adapter size on disk (bytes)"],
         "merged vs unmerged max |logit diff|": f"{diff:.2e}",
         "merged greedy text == unmerged": str(res.merged_equals_unmerged_text),
-        "demo wall time (s)": round(total, 1), "adapter": str(result.adapter_dir),
+        "demo wall time (s)": round(total, 1), "torch threads": threads, "adapter": str(result.adapter_dir),
     }
     print(summary_table(table, title="lorakit demo"))
     atomic_write_text(out / "demo_report.json", json.dumps({**res.__dict__, "table": table,

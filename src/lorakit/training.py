@@ -488,11 +488,14 @@ def exact_match(model: nn.Module, tokenizer, data: TokenizedData, max_new_tokens
     examples = [e for e in data.examples if e.target_text is not None]
     if not examples:
         raise LorakitError("metric: exact_match needs instruction data (prompt + completion) for validation.")
+    from lorakit.injection import active_adapter
+
     sampling = Sampling(max_new_tokens=max_new_tokens)
+    adapter = active_adapter(model)  # the adapter being trained (None: a model without lorakit adapters)
     hits = 0
     for s in range(0, len(examples), batch_size):
         part = examples[s:s + batch_size]
-        outs = generate_rows(model, tokenizer, [Row(e.input_ids[:e.prompt_len], None, sampling) for e in part])
+        outs = generate_rows(model, tokenizer, [Row(e.input_ids[:e.prompt_len], adapter, sampling) for e in part])
         hits += sum(o.text.strip() == e.target_text.strip() for o, e in zip(outs, part))
     return hits / len(examples)
 
@@ -650,7 +653,10 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
     if config.base_dtype == "bf16":
         cast_base(model, torch.bfloat16)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "config"):
             model.config.use_cache = False
     params = _trainable(model)
