@@ -6,8 +6,8 @@ Methods, all trained on the same train pairs in the same order for the same step
   full    full fine-tuning (every parameter)
   bitfit  BitFit; SmolLM2 (Llama) has no biases, so the RMSNorm weights train instead (stated in the results)
 
-Default budget (2 CPU cores, ~35 min with the cores to itself): 150 steps × batch 8 (1,200 train pairs) per trained
-method, 100 dev MRs scored with greedy decoding (48 new tokens at most), bf16 autocast.
+Default budget (2 shared CPU cores, ~30 min): 60 steps × batch 8 (480 train pairs) per trained method, the first
+40 dev MRs scored with greedy decoding (40 new tokens at most), fp32.
 `--full-size` is the paper's scale (42,061 pairs × 5 epochs, all 547 dev MRs, beam 10): a GPU job.
 
 Writes benchmarks/results/e2e_nlg.{json,md}; the LoRA adapter goes to benchmarks/runs/e2e/lora (not committed).
@@ -23,7 +23,7 @@ LR = {"lora": 1e-3, "full": 5e-5, "bitfit": 1e-3}
 
 def main() -> None:
     parser = C.base_parser(__doc__)
-    C.e2e_arguments(parser, steps=150, eval_limit=100)
+    C.e2e_arguments(parser, steps=60, eval_limit=40)
     parser.add_argument("--methods", default="base,lora,full,bitfit")
     for method, lr in LR.items():
         parser.add_argument(f"--lr-{method}", type=float, default=lr)
@@ -40,12 +40,9 @@ def main() -> None:
         lr = getattr(args, f"lr_{method}", None) if method != "base" else None
         rows[method] = C.e2e_run(args, method, lr, lora, save_to=C.RUNS / "e2e" / "lora")
     lrs = ", ".join(f"{m} {getattr(args, 'lr_' + m)}" for m in LR if m in methods)
-    header = (f"# E2E NLG, SmolLM2-135M-Instruct (dev subset)\n\nBudget: {budget}.\n"
-              "BLEU, METEOR, ROUGE-L ×100; NIST, CIDEr raw (see src/lorakit/evaluation.py for implementations).\n"
-              "BitFit on SmolLM2 trains the RMSNorm weights (the model has no biases). "
-              f"Learning rates: {lrs}.")
-    C.write("e2e_nlg", args.out, {"benchmark": "e2e_nlg", "budget": budget, "args": vars(args), "results": rows},
-            rows, C.E2E_COLUMNS, header)
+    C.write_e2e("e2e_nlg", args, budget, rows,
+                "# E2E NLG, SmolLM2-135M-Instruct (dev subset)\n\nBitFit on SmolLM2 trains the RMSNorm weights "
+                f"(the model has no biases). Learning rates: {lrs}.", "E2E dev subset: base, LoRA, full, BitFit")
 
 
 if __name__ == "__main__":

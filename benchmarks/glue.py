@@ -1,0 +1,78 @@
+"""GLUE with a pretrained encoder (all-MiniLM-L6-v2, 22.7M parameters): LoRA vs full fine-tuning (the paper's
+Table 2 at small scale) on SST-2, MRPC, RTE, CoLA and STS-B.
+
+LoRA: r=8 on query and value (alpha 16) plus the classification head (trained fully, as in the paper's GLUE setup,
+where the head is always trained). Full: every parameter. Same examples, order, steps and schedule for both.
+
+Default budget (2 shared CPU cores, ~30 min): per task and method 150 steps × batch 32 (4,800 train examples, fewer
+if the task has fewer), max 128 tokens, scored on the shared validation half (all rows).
+`--full-size`: whole train sets, 10 epochs.
+
+Writes benchmarks/results/glue.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import _common as C
+import torch
+from lorakit import LoraConfig
+from lorakit.benchmark_data import GLUE_TASKS
+
+LR = {"lora": 1e-3, "full": 5e-5}
+
+
+def run(args, task: str, method: str) -> dict:
+    from lorakit import load_model
+    from lorakit.evaluation import EvalConfig, evaluate_model
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model("minilm-l6", task="seq-cls", num_labels=GLUE_TASKS[task].num_labels)
+    C.prepare(model, method, LoraConfig(r=8, alpha=16, target_modules=["query", "value"],
+                                        modules_to_save=["classifier"]))
+    trainable, total = C.trainable_count(model)
+    row = {"trainable_params": trainable, "trainable_pct": C.pct(trainable, total), "lr": getattr(args, f"lr_{method}")}
+    steps = args.steps
+    if args.full_size:
+        steps = 10 * len(C.load_glue(task, "train", args.data_dir)) // args.batch_size
+    batches = C.glue_batches(tokenizer, task, args.data_dir, args.train_examples or steps * args.batch_size,
+                             args.batch_size, args.seed)
+    row.update(C.train(model, batches, steps, row["lr"], args.bf16, tag=f"{task}/{method}"))
+    scores, _ = evaluate_model(model, tokenizer, EvalConfig(task=task, data_dir=args.data_dir))
+    row.update(scores)
+    print(f"  [{task}/{method}] {scores}", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = C.base_parser(__doc__)
+    parser.add_argument("--tasks", default="sst2,mrpc,rte,cola,stsb")
+    parser.add_argument("--methods", default="lora,full")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--train-examples", type=int, default=None)
+    parser.add_argument("--full-size", action="store_true")
+    for method, lr in LR.items():
+        parser.add_argument(f"--lr-{method}", type=float, default=lr)
+    args = parser.parse_args()
+    C.set_threads(args.threads)
+    tasks = args.tasks.split(",")
+    methods = args.methods.split(",")
+    budget = C.budget_line(tasks=len(tasks), methods=len(methods), steps=args.steps if not args.full_size else "10 epochs",
+                           batch=args.batch_size, precision="bf16 autocast" if args.bf16 else "fp32")
+    print(f"Budget: {budget}", flush=True)
+    rows = {}
+    for task in tasks:
+        for method in methods:
+            rows[f"{task} {method}"] = run(args, task, method)
+    columns = ["trainable_params", "trainable_pct", "accuracy", "f1", "matthews", "pearson", "spearman",
+               "final_loss", "train_seconds"]
+    header = (f"# GLUE, all-MiniLM-L6-v2, LoRA vs full fine-tuning (validation half)\n\nBudget: {budget}. "
+              f"lr: lora {args.lr_lora}, full {args.lr_full}. Metrics ×100.")
+    C.write("glue", args.out, {"benchmark": "glue", "budget": budget, "args": vars(args), "results": rows}, rows,
+            columns, header)
+    main_metric = {k: {"score": v.get(GLUE_TASKS[k.split()[0]].metrics[0])} for k, v in rows.items()}
+    C.plot_metric_bars(main_metric, ["score"], f"{args.out}/glue.png", "GLUE (main metric per task)")
+
+
+if __name__ == "__main__":
+    main()
