@@ -38,7 +38,7 @@ import yaml
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.data import (DataConfig, IGNORE_INDEX, TokenizedData, collate, epoch_batches, iterate_batches,
+from lorakit.data import (DataConfig, TokenizedData, collate, epoch_batches, iterate_batches,
                           loss_tokens, read_records, show_example, split_records, tokenize)
 from lorakit.errors import LorakitError
 from lorakit.fsutil import atomic_directory, atomic_write_text, write_json
