@@ -156,6 +156,7 @@ def plot_similarity(grids: dict[str, torch.Tensor], path: str | Path, title: str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     kinds = sorted({_kind(n) for n in grids})
     fig, axes = plt.subplots(len(kinds), 3, figsize=(14, 2.6 * len(kinds) + 0.6), squeeze=False,
@@ -168,6 +169,8 @@ def plot_similarity(grids: dict[str, torch.Tensor], path: str | Path, title: str
             im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="upper",
                            extent=(0.5, data.shape[1] + 0.5, data.shape[0] + 0.5, 0.5))
             ax.set_title(f"{middle.split('.', 1)[-1]} ({label})", fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("j (second adapter)")
             ax.set_ylabel("i (first adapter)")
         fig.colorbar(im, ax=axes[row][1])
