@@ -65,6 +65,18 @@ def lora_model(dropout: float = 0.2):
     return model
 
 
+class Crash(Exception):
+    """Stands for the process dying (no checkpoint is written on the way out)."""
+
+
+def crash_at(n: int):
+    def on_step(step, record):
+        if step == n:
+            raise Crash
+
+    return on_step
+
+
 def adapter(run_dir) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
@@ -129,15 +141,8 @@ def test_same_seed_same_adapter_and_loss_goes_down(tmp_path, tok, data_file, ful
 
 def test_crash_after_checkpoint_then_resume_equals_uninterrupted(tmp_path, tok, data_file, full):
 
-    class Crash(Exception):
-        pass
-
-    def crash(step, record):
-        if step == 7:
-            raise Crash
-
     with pytest.raises(Crash):
-        train(config(tmp_path / "cut", data_file), lora_model(), tok, on_step=crash)
+        train(config(tmp_path / "cut", data_file), lora_model(), tok, on_step=crash_at(7))
     assert latest_checkpoint(tmp_path / "cut")[1]["position"]["step"] == 6  # mid-epoch: 5 micro-batches per epoch, 2 per step
     resumed = train(None, lora_model(), tok, resume=tmp_path / "cut")
     A, B = adapter(full.run_dir), adapter(resumed.run_dir)
@@ -281,15 +286,8 @@ def test_real_model_resume_equals_uninterrupted(tmp_path):
 
     full = train(cfg("full"))
 
-    class Crash(Exception):
-        pass
-
-    def crash(step, record):
-        if step == 3:
-            raise Crash
-
     with pytest.raises(Crash):
-        train(cfg("cut"), on_step=crash)
+        train(cfg("cut"), on_step=crash_at(3))
     resumed = train(None, resume=tmp_path / "cut")
     A, B = adapter(full.run_dir), adapter(resumed.run_dir)
     assert len(A) == 30 * 2 * 2  # 30 layers x (q, v) x (A, B)
