@@ -221,6 +221,17 @@ def _autocast(enabled: bool, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
+class _NewlineStop:
+    """Stop a row once its new text contains a newline (outputs are one line; works with any tokenizer)."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor(["\n" in t for t in texts], device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], config: GenerationConfig | None = None) -> list[str]:
     """Continue each prompt (greedy or beam search, batched, left-padded) and return the first line of new text."""
@@ -240,7 +251,8 @@ def generate(model, tokenizer, prompts: Sequence[str], config: GenerationConfig 
             with _autocast(config.bf16, device):
                 out = model.generate(**enc, max_new_tokens=config.max_new_tokens, do_sample=False,
                                      num_beams=config.num_beams if config.decoding == "beam" else 1,
-                                     pad_token_id=tokenizer.pad_token_id, stop_strings=["\n"], tokenizer=tokenizer)
+                                     pad_token_id=tokenizer.pad_token_id,
+                                     stopping_criteria=[_NewlineStop(tokenizer, enc["input_ids"].shape[1])])
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             outputs += [t.strip().split("\n")[0].strip() for t in texts]
     finally:
