@@ -39,10 +39,10 @@ def main() -> None:
         lora = LoraConfig(r=4, alpha=32, target_modules=["q_proj", "v_proj"]) if method == "lora" else None
         lr = getattr(args, f"lr_{method}", None) if method != "base" else None
         rows[method] = C.e2e_run(args, method, lr, lora, save_to=C.RUNS / "e2e" / "lora")
-    lrs = ", ".join(f"{m} {getattr(args, 'lr_' + m)}" for m in LR if m in methods)
-    C.write_e2e("e2e_nlg", args, budget, rows,
-                "# E2E NLG, SmolLM2-135M-Instruct (dev subset)\n\nBitFit on SmolLM2 trains the RMSNorm weights "
-                f"(the model has no biases). Learning rates: {lrs}.", "E2E dev subset: base, LoRA, full, BitFit")
+        lrs = ", ".join(f"{m} {getattr(args, 'lr_' + m)}" for m in LR if m in methods)
+        C.write_e2e("e2e_nlg", args, budget, rows,  # after every method, so a stopped run keeps what it measured
+                    "# E2E NLG, SmolLM2-135M-Instruct (dev subset)\n\nBitFit on SmolLM2 trains the RMSNorm weights "
+                    f"(the model has no biases). Learning rates: {lrs}.", "E2E dev subset: base, LoRA, full, BitFit")
 
 
 if __name__ == "__main__":
