@@ -1,19 +1,22 @@
 """Training-step speed and memory: full fine-tuning vs PEFT LoRA vs lorakit LoRA vs the floor, on SmolLM2-135M.
 
-Budget (defaults): batch 8 × 128 tokens of E2E text (plus a 2 × 512 long-sequence case), LoRA r=8 alpha=16 dropout 0,
-targets W_q,W_v and all-linear; each variant runs in its own process (so peak RSS is its own) for 2 warm-up + 6
-measured steps, twice, in alternating order; ~15 minutes on 2 CPU cores. Reported: median step time, peak RSS, ratios.
+Budget (defaults): batch 8 × 128 tokens of E2E text (every token supervised, and once with the prompts masked as in
+instruction tuning), plus a 2 × 512 long-sequence case; LoRA r=8 alpha=16 dropout 0, targets W_q,W_v and all-linear;
+each variant runs in its own process (so peak RSS is its own) for 2 warm-up + 6 measured steps, twice, in alternating
+order; ~40-60 minutes on 2 CPU cores. Reported: median step time, peak RSS, ratios.
 
 Variants (same batch, same LoRA math):
   full       full fine-tuning, AdamW, fp32, the model's own loss
   peft       PEFT LoRA, fp32, the model's own loss (PEFT's default setup)
-  lorakit    lorakit LoRA, fp32 (equal math to `peft`), fused linear+cross-entropy loss
-  lk-bf16    lorakit's default CPU setting: frozen base cast to bf16 once, LoRA fp32, eager attention, fused loss
+  lorakit    lorakit LoRA, fp32 (equal math to `peft`) as `lorakit.train` runs it: fused linear+cross-entropy loss on
+             labelled positions only, gated MLP keeping one activation fewer (`lorakit.fused`)
+  lk-bf16    frozen base cast to bf16 once, LoRA fp32, eager attention, fused loss; run only where this CPU's bf16
+             matmul is faster than fp32 (AMX / AVX512-BF16), which the benchmark measures first (--bf16 on forces it)
   floor      forward + backward through the frozen fp32 model, no weight gradients at all (fused loss), no optimizer
 
 Also checked: with identical A/B values PEFT and lorakit give the same loss and LoRA gradients; the loss trajectory
-over --traj-steps steps (lorakit fp32, lorakit bf16 vs PEFT fp32) from identical initial A/B; inference overhead of an
-unmerged adapter at batch 1 × 128 tokens and the cost of switching adapters.
+over --traj-steps steps (lorakit fp32, and lorakit bf16 where it runs, vs PEFT fp32) from identical initial A/B;
+inference overhead of an unmerged adapter at batch 1 × 128 tokens and the cost of switching adapters.
 
     python benchmarks/train_speed.py                 # everything, writes benchmarks/results/train_speed.json + .md
     python benchmarks/train_speed.py --quick         # 1 round, 3 measured steps, fewer cases
@@ -39,24 +42,31 @@ TARGETS = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def make_batch(tokenizer, data_dir: Path, batch: int, seq: int, offset: int = 0) -> dict[str, torch.Tensor]:
-    """Pack E2E training texts into `batch` rows of exactly `seq` tokens (every token supervised)."""
-    texts, ids = [], []
+def make_batch(tokenizer, data_dir: Path, batch: int, seq: int, offset: int = 0,
+               mask_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """Pack E2E training pairs into `batch` rows of exactly `seq` tokens. Every token is supervised, or with
+    `mask_prompt` only the target sentences (the meaning representations get label -100, as in instruction tuning)."""
+    ids, labels = [], []
     with open(data_dir / "e2e" / "train.jsonl", encoding="utf-8") as fh:
         for i, line in enumerate(fh):
             if i < offset:
                 continue
             row = json.loads(line)
-            ids += tokenizer(row["meaning_representation"] + " -> " + row["target"] + tokenizer.eos_token)["input_ids"]
+            prompt = tokenizer(row["meaning_representation"] + " ->")["input_ids"]
+            target = tokenizer(" " + row["target"] + tokenizer.eos_token)["input_ids"]
+            ids += prompt + target
+            labels += ([-100] * len(prompt) if mask_prompt else prompt) + target
             if len(ids) >= batch * seq:
                 break
     input_ids = torch.tensor(ids[: batch * seq]).view(batch, seq)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "labels": torch.tensor(labels[: batch * seq]).view(batch, seq)}
 
 
 # ---------------------------------------------------------------------------------------------------- variants
 def build(variant: str, targets: str, r: int = 8):
     import lorakit as lk
+    from lorakit.fused import fuse_gated_mlp
 
     attn = "eager" if variant == "lk-bf16" else "sdpa"
     model, tok = lk.load_model(attn_implementation=attn)
@@ -71,11 +81,13 @@ def build(variant: str, targets: str, r: int = 8):
         model = peft.get_peft_model(model, cfg)
     elif variant in ("lorakit", "lk-bf16"):
         lk.add_lora(model, lk.LoraConfig(r=r, alpha=2 * r, target_modules=TARGETS[targets]))
+        fuse_gated_mlp(model)  # what lorakit.train does: exact, one MLP activation fewer kept for backward
         if variant == "lk-bf16":
             lk.cast_base(model, torch.bfloat16)
     elif variant == "floor":
         for p in model.parameters():
             p.requires_grad_(False)
+        fuse_gated_mlp(model)
     else:
         raise SystemExit(f"unknown variant {variant}")
     return model, tok
@@ -92,14 +104,15 @@ def loss_fn(variant: str, model, batch):
         from lorakit.losses import fused_linear_cross_entropy
 
         hidden, labels = out.last_hidden_state[:, :-1], batch["labels"][:, 1:]
-        return fused_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, labels.reshape(-1))
+        keep = labels != -100
+        return fused_linear_cross_entropy(hidden[keep], model.lm_head.weight, labels[keep])
     return causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"])
 
 
 def worker(args) -> None:
     torch.manual_seed(0)
     model, tok = build(args.variant, args.targets)
-    batch = make_batch(tok, Path(args.data_dir), args.batch, args.seq)
+    batch = make_batch(tok, Path(args.data_dir), args.batch, args.seq, mask_prompt=args.mask_prompt)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     times, losses = [], []
@@ -118,9 +131,10 @@ def worker(args) -> None:
     print(json.dumps({"times": times, "peak_rss_gb": peak_gb, "losses": losses}))
 
 
-def run_variant(variant, targets, batch, seq, args) -> dict:
+def run_variant(variant, targets, batch, seq, args, mask_prompt: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--targets", targets, "--batch", str(batch),
            "--seq", str(seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--data-dir", args.data_dir]
+    cmd += ["--mask-prompt"] if mask_prompt else []
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if out.returncode != 0:
         raise SystemExit(f"worker {variant}/{targets} failed:\n{out.stderr[-3000:]}")
@@ -128,11 +142,12 @@ def run_variant(variant, targets, batch, seq, args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-def equivalence_check(data_dir: Path, traj_steps: int) -> dict:
+def equivalence_check(data_dir: Path, traj_steps: int, bf16_trajectory: bool) -> dict:
     """Same A/B in PEFT and lorakit: same loss and LoRA gradients; then loss trajectories from the same start."""
     import peft
 
     import lorakit as lk
+    from lorakit.fused import fuse_gated_mlp
     from lorakit.losses import causal_lm_loss
 
     def pair(bf16: bool = False):
@@ -141,6 +156,7 @@ def equivalence_check(data_dir: Path, traj_steps: int) -> dict:
         pm = peft.get_peft_model(pm, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
         km, _ = lk.load_model(attn_implementation="eager" if bf16 else None)
         lk.add_lora(km, lk.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+        fuse_gated_mlp(km)
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for name, p in pm.named_parameters():
@@ -187,8 +203,9 @@ def equivalence_check(data_dir: Path, traj_steps: int) -> dict:
         result["traj_peft_fp32"], result["heldout_peft_fp32"] = trajectory(pm, False)
         result["traj_lorakit_fp32"], result["heldout_lorakit_fp32"] = trajectory(km, True)
         del pm, km
-        _, kb, _ = pair(bf16=True)
-        result["traj_lorakit_bf16"], result["heldout_lorakit_bf16"] = trajectory(kb, True)
+        if bf16_trajectory:
+            _, kb, _ = pair(bf16=True)
+            result["traj_lorakit_bf16"], result["heldout_lorakit_bf16"] = trajectory(kb, True)
     return result
 
 
@@ -234,6 +251,20 @@ def inference_check(repeats: int = 15) -> dict:
             "set_adapter_us": 1e6 * statistics.median(switch), "merge_unmerge_ms": 1e3 * statistics.median(merge_cycle)}
 
 
+def gemm_rates() -> dict:
+    """GFLOP/s of a (1024 × 576) @ (576 × 1536) matmul (an MLP projection at batch 8 × 128) per dtype on this CPU."""
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(1024, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+        a @ b
+        n, t0 = 0, time.perf_counter()
+        while n < 3 or time.perf_counter() - t0 < 1.0:
+            a @ b
+            n += 1
+        rates[name] = 2 * 1024 * 576 * 1536 * n / (time.perf_counter() - t0) / 1e9
+    return rates
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -247,41 +278,52 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--traj-steps", type=int, default=30)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--mask-prompt", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                    help="run the bf16-base variant: auto = only where this CPU's bf16 matmul beats fp32 (AMX/AVX512-BF16)")
     ap.add_argument("--data-dir", default=str(ROOT / ".." / "shared" / "data"))
     ap.add_argument("--out", default=str(RESULTS / "train_speed"))
     args = ap.parse_args()
     if args.worker:
         return worker(args)
     if args.quick:
-        args.steps, args.rounds, args.traj_steps = 3, 1, 5
-    cases = [("qv", 8, 128, ["full", "peft", "lorakit", "lk-bf16", "floor"]),
-             ("all", 8, 128, ["peft", "lorakit", "lk-bf16", "floor"]),
-             ("qv", 2, 512, ["peft", "lorakit", "lk-bf16", "floor"])]
+        args.steps, args.rounds, args.traj_steps = 3, 1, min(args.traj_steps, 5)
+    rates = gemm_rates()
+    use_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and rates["bf16"] > rates["fp32"])
+    print(f"GEMM on this CPU: fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s -> bf16 variant "
+          f"{'on' if use_bf16 else 'off'}", flush=True)
+    bf16 = ["lk-bf16"] if use_bf16 else []
+    cases = [("qv", 8, 128, False, ["full", "peft", "lorakit", *bf16, "floor"]),
+             ("all", 8, 128, False, ["peft", "lorakit", *bf16, "floor"]),
+             ("qv", 2, 512, False, ["peft", "lorakit", *bf16, "floor"]),
+             ("qv", 8, 128, True, ["peft", "lorakit", *bf16, "floor"])]
     if args.quick:
         cases = cases[:1]
     results = {"setup": {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
-                         "warmup": args.warmup, "rounds": args.rounds, "r": 8, "alpha": 16, "dropout": 0.0},
+                         "warmup": args.warmup, "rounds": args.rounds, "r": 8, "alpha": 16, "dropout": 0.0,
+                         "gemm_gflops": rates, "bf16_variant": use_bf16, "load_avg_start": os.getloadavg()},
                "cases": []}
     t_start = time.time()
-    for targets, batch, seq, variants in cases:
+    for targets, batch, seq, masked, variants in cases:
         runs = {v: {"times": [], "peak_rss_gb": 0.0} for v in variants}
         for rnd in range(args.rounds):
             order = variants if rnd % 2 == 0 else variants[::-1]  # alternate to spread machine noise
             for v in order:
-                out = run_variant(v, targets, batch, seq, args)
+                out = run_variant(v, targets, batch, seq, args, mask_prompt=masked)
                 runs[v]["times"] += out["times"]
                 runs[v]["peak_rss_gb"] = max(runs[v]["peak_rss_gb"], out["peak_rss_gb"])
                 runs[v]["first_loss"] = out["losses"][0]
                 print(f"  {targets} {batch}x{seq} {v:8s} round {rnd}: median {statistics.median(out['times']):.2f} s, "
                       f"peak {out['peak_rss_gb']:.2f} GB", flush=True)
-        case = {"targets": targets, "batch": batch, "seq": seq, "variants": {}}
+        case = {"targets": targets, "batch": batch, "seq": seq, "prompt_masked": masked, "variants": {}}
         for v, d in runs.items():
             case["variants"][v] = {"median_s": statistics.median(d["times"]), "peak_rss_gb": d["peak_rss_gb"],
                                    "n": len(d["times"]), "first_loss": d["first_loss"]}
         results["cases"].append(case)
-    results["equivalence"] = equivalence_check(Path(args.data_dir), args.traj_steps)
+    results["equivalence"] = equivalence_check(Path(args.data_dir), args.traj_steps, use_bf16)
     results["inference"] = inference_check()
     results["wall_s"] = time.time() - t_start
+    results["setup"]["load_avg_end"] = os.getloadavg()
     write(results, Path(args.out))
 
 
@@ -293,7 +335,8 @@ def write(results: dict, out: Path) -> None:
         v = case["variants"]
         for name, d in v.items():
             ratio = lambda key, ref: f"{d[key] / v[ref][key]:.2f}" if ref in v else "-"  # noqa: E731
-            lines.append(f"| {case['targets']} | {case['batch']}×{case['seq']} | {name} | {d['median_s']:.2f} | "
+            shape = f"{case['batch']}×{case['seq']}" + (" prompt masked" if case.get("prompt_masked") else "")
+            lines.append(f"| {case['targets']} | {shape} | {name} | {d['median_s']:.2f} | "
                          f"{d['peak_rss_gb']:.2f} | {ratio('median_s', 'peft')} | {ratio('peak_rss_gb', 'peft')} | "
                          f"{ratio('median_s', 'floor')} |")
     eq = results["equivalence"]
@@ -302,12 +345,21 @@ def write(results: dict, out: Path) -> None:
               f"(max |grad| {eq['max_grad_abs']:.2e})."]
     if "traj_peft_fp32" in eq:
         n = len(eq["traj_peft_fp32"])
-        lines += [f"Loss after {n} steps (last step / held-out batch): PEFT fp32 {eq['traj_peft_fp32'][-1]:.4f} / "
-                  f"{eq['heldout_peft_fp32']:.4f}; lorakit fp32 {eq['traj_lorakit_fp32'][-1]:.4f} / "
-                  f"{eq['heldout_lorakit_fp32']:.4f}; lorakit bf16 base {eq['traj_lorakit_bf16'][-1]:.4f} / "
-                  f"{eq['heldout_lorakit_bf16']:.4f}; max |Δloss| over the trajectory fp32 "
-                  f"{max(abs(a - b) for a, b in zip(eq['traj_peft_fp32'], eq['traj_lorakit_fp32'])):.2e}, bf16 "
-                  f"{max(abs(a - b) for a, b in zip(eq['traj_peft_fp32'], eq['traj_lorakit_bf16'])):.2e}."]
+        fp32_gap = max(abs(a - b) for a, b in zip(eq["traj_peft_fp32"], eq["traj_lorakit_fp32"]))
+        line = (f"Loss after {n} steps from identical A/B (last step / held-out batch): PEFT fp32 "
+                f"{eq['traj_peft_fp32'][-1]:.4f} / {eq['heldout_peft_fp32']:.4f}; lorakit fp32 "
+                f"{eq['traj_lorakit_fp32'][-1]:.4f} / {eq['heldout_lorakit_fp32']:.4f}; max |Δloss| over the "
+                f"trajectory {fp32_gap:.2e}.")
+        if "traj_lorakit_bf16" in eq:
+            bf16_gap = max(abs(a - b) for a, b in zip(eq["traj_peft_fp32"], eq["traj_lorakit_bf16"]))
+            line += (f" lorakit bf16 base {eq['traj_lorakit_bf16'][-1]:.4f} / {eq['heldout_lorakit_bf16']:.4f}, "
+                     f"max |Δloss| vs PEFT fp32 {bf16_gap:.2e}.")
+        lines += [line]
+    rates = results["setup"]["gemm_gflops"]
+    lines += [f"GEMM here: fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s; the bf16-base variant "
+              f"{'ran' if results['setup']['bf16_variant'] else 'was skipped (bf16 slower than fp32 on this CPU)'}. "
+              f"Load average at start/end: {results['setup']['load_avg_start'][0]:.2f} / "
+              f"{results['setup'].get('load_avg_end', [float('nan')])[0]:.2f}."]
     inf = results["inference"]
     lines += [f"Inference batch 1 × 128: base {inf['forward_ms']['base']:.1f} ms, unmerged "
               f"{inf['forward_ms']['unmerged']:.1f} ms ({100 * inf['unmerged_overhead']:+.1f}%), merged "

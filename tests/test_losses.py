@@ -51,3 +51,29 @@ def test_trainable_head_gets_the_right_gradient():
 def test_no_labelled_tokens_is_a_clear_error():
     with pytest.raises(LorakitError, match="every label is -100"):
         fused_linear_cross_entropy(torch.zeros(0, 4), torch.zeros(5, 4), torch.zeros(0, dtype=torch.long))
+
+
+def test_default_chunking_and_repeated_target_rows_match_cross_entropy():
+    torch.manual_seed(0)
+    vocab = 70_000  # the default chunk is then 59 rows, so 150 rows take three chunks, the last one partial
+    h = torch.randn(150, 8, requires_grad=True)
+    w = torch.randn(vocab, 8) * 0.5
+    y = torch.randint(0, 5, (150,))  # many rows share a target
+    ref = torch.nn.functional.cross_entropy(h @ w.T, y)
+    (gh,) = torch.autograd.grad(ref, (h,))
+    ours = fused_linear_cross_entropy(h, w, y)
+    (oh,) = torch.autograd.grad(ours, (h,))
+    assert abs(ours.item() - ref.item()) < 1e-5
+    assert (oh - gh).abs().max() < 1e-6
+
+
+def test_bf16_head_matches_fp32_reference_of_the_same_values():
+    torch.manual_seed(0)
+    h = torch.randn(20, 16).to(torch.bfloat16).requires_grad_(True)
+    w = torch.randn(50, 16).to(torch.bfloat16)
+    y = torch.randint(0, 50, (20,))
+    ref = torch.nn.functional.cross_entropy(h.float() @ w.float().T, y)
+    ours = fused_linear_cross_entropy(h, w, y, chunk=7)
+    (oh,) = torch.autograd.grad(ours, (h,))
+    assert oh.dtype == torch.bfloat16
+    assert abs(ours.item() - ref.item()) < 2e-2

@@ -20,26 +20,43 @@ IGNORE_INDEX = -100
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """sum over rows of CE(h W^T, y); returns the sum. Gradients are computed in forward, chunk by chunk."""
+    """sum over rows of CE(h W^T, y); returns the sum. Gradients are computed in forward, chunk by chunk.
+
+    Each chunk's logits live in one reused fp32 buffer and are turned into softmax - onehot in place (max, subtract,
+    exp, sum, divide), so no vocab-sized tensor is allocated per chunk: fresh multi-MB allocations cost page faults
+    that, on CPU, took longer than the arithmetic.
+    """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
         need_w = weight.requires_grad
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden)  # (N, H)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        for start in range(0, hidden.shape[0], chunk):
+        buf = torch.empty((min(chunk, n_rows), vocab), dtype=torch.float32, device=hidden.device)
+        w_t = weight.T
+        for start in range(0, n_rows, chunk):
             h = hidden[start:start + chunk]  # (n, H)
             y = targets[start:start + chunk]  # (n,)
-            logits = (h @ weight.T).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: dL/dlogits = p - onehot
-            probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
-            g = probs.to(weight.dtype)
-            grad_h[start:start + chunk] = g @ weight  # (n, H)
+            rows = torch.arange(y.shape[0], device=y.device)
+            logits = buf[: h.shape[0]]
+            if weight.dtype == torch.float32:
+                torch.mm(h, w_t, out=logits)
+            else:
+                logits.copy_(h @ w_t)
+            target_logit = logits[rows, y]  # (n,), a copy taken before the in-place steps
+            row_max = logits.amax(dim=-1, keepdim=True)
+            logits.sub_(row_max).exp_()
+            row_sum = logits.sum(dim=-1, keepdim=True)
+            lse = row_max.squeeze(1) + row_sum.squeeze(1).log()
+            total += (lse - target_logit).sum()
+            probs = logits.div_(row_sum)  # softmax; dL/dlogits = p - onehot
+            probs[rows, y] -= 1.0
+            g = probs if weight.dtype == torch.float32 else probs.to(weight.dtype)
+            torch.mm(g, weight, out=grad_h[start:start + chunk])  # (n, H)
             if need_w:
-                grad_w += (g.T @ h).float()  # (V, H)
+                grad_w.addmm_(g.T.float(), h.float())  # (V, H)
         ctx.save_for_backward(grad_h, grad_w if need_w else torch.empty(0))
         ctx.need_w, ctx.w_dtype = need_w, weight.dtype
         return total
@@ -52,23 +69,30 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None
 
 
+def _default_chunk(vocab: int) -> int:
+    """Rows per chunk so that one chunk of fp32 logits is about 64 MB (smaller chunks make slower matmuls)."""
+    return max(16, (1 << 24) // max(1, vocab))
+
+
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                               chunk: int = 1024) -> torch.Tensor:
+                               chunk: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets` (rows already filtered), vocab-sized tensors never
-    held for more than one chunk."""
+    held for more than one chunk (default: ~64 MB of fp32 logits)."""
     if hidden.shape[0] == 0:
         raise LorakitError("No labelled tokens in this batch (every label is -100); nothing to train on.")
-    total = _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    total = _FusedLinearCrossEntropy.apply(hidden, weight, targets, chunk or _default_chunk(weight.shape[0]))
     return total / hidden.shape[0]
 
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None, chunk: int = 1024, **model_kwargs) -> torch.Tensor:
+                   attention_mask: torch.Tensor | None = None, chunk: int | None = None, **model_kwargs) -> torch.Tensor:
     """Next-token loss of a Hugging Face causal LM, mean over labelled positions (labels == -100 are ignored).
 
     Equals `model(input_ids, attention_mask=..., labels=labels).loss` for models without logit soft-capping or
     scaling; falls back to that exact call when the output head is not a plain linear layer (e.g. LoRA on lm_head).
     """
+    if hasattr(model, "get_base_model"):  # a PEFT-wrapped model: work on the transformers model inside
+        model = model.get_base_model()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
     plain_head = (isinstance(head, nn.Linear) and head.bias is None

@@ -652,6 +652,9 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
             model.config.pad_token_id = tokenizer.pad_token_id
     if config.base_dtype == "bf16":
         cast_base(model, torch.bfloat16)
+    from lorakit.fused import fuse_gated_mlp
+
+    fuse_gated_mlp(model)  # exact: bit-identical gradients, one activation per MLP fewer kept for backward
     if config.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
