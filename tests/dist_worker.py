@@ -1,4 +1,5 @@
-"""One rank of a distributed test run (launched by tests/test_distributed.py through torchrun).
+"""One rank of a distributed test run (launched by tests/test_distributed.py through torchrun): `lorakit train`
+plus a hook that makes one rank fail.
 
     python -m torch.distributed.run --nproc_per_node 2 --standalone tests/dist_worker.py CONFIG.yaml [--fail-at RANK:STEP]
     python tests/dist_worker.py CONFIG.yaml            # the single-process reference
@@ -13,12 +14,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-import lorakit as lk  # noqa: E402
-from conftest import tiny_llama  # noqa: E402
-from lorakit.training import TrainConfig, train  # noqa: E402
-from tiny_text import tiny_tokenizer  # noqa: E402
+from lorakit.training import TrainConfig, train
 
 
 class InjectedFailure(RuntimeError):
@@ -32,8 +28,6 @@ def main() -> None:
     parser.add_argument("--fail-at", help="RANK:STEP: raise on that rank after that optimizer step")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = tiny_llama()
-    lk.add_lora(model, lk.LoraConfig(r=4, alpha=8, dropout=0.0))  # dropout masks would differ per rank layout
     on_step = None
     if args.fail_at:
         fail_rank, fail_step = map(int, args.fail_at.split(":"))
@@ -43,7 +37,7 @@ def main() -> None:
                 raise InjectedFailure(f"injected failure on rank {fail_rank} after step {step}")
 
     config = TrainConfig.from_yaml(args.config) if args.config else None
-    train(config, model, tiny_tokenizer(), resume=args.resume, on_step=on_step)
+    train(config, resume=args.resume, on_step=on_step)  # loads config.model (a folder) as `lorakit train` does
     from lorakit import distributed
 
     distributed.teardown(True)

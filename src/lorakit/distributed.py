@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from datetime import timedelta
 from typing import Callable
 
@@ -193,11 +194,39 @@ def teardown(active: bool) -> None:
         dist.destroy_process_group()
 
 
-def torchrun_command(nproc: int, args: list[str], python: str | None = None) -> list[str]:
-    """`python -m torch.distributed.run --nproc_per_node N --standalone -m lorakit ARGS` (one machine)."""
-    import sys
-
+def torchrun_command(nproc: int, args: list[str]) -> list[str]:
+    """`python -m torch.distributed.run --nproc_per_node N --standalone -m lorakit ARGS` (one machine, a free port)."""
     if nproc < 1:
         raise LorakitError(f"--nproc must be a positive integer, got {nproc}.")
-    return [python or sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-            "-m", "lorakit", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+            "--monitor-interval", "0.5", "-m", "lorakit", *args]
+
+
+def launch(nproc: int, args: list[str], run_dir: str | os.PathLike) -> int:
+    """Run `lorakit ARGS` on N local processes through torchrun; its exit code. If any rank fails, torchrun stops
+    the others and names the failed rank; this adds where the run can continue from."""
+    import subprocess
+
+    code = subprocess.call(torchrun_command(nproc, args))
+    if code != 0:
+        from lorakit.training import checkpoints
+
+        last = checkpoints(run_dir) if run_dir else []
+        print(f"error: training failed on at least one of {nproc} processes (exit code {code}); the failed rank's "
+              "traceback is above and torchrun stopped the others. "
+              + (f"The last checkpoint is {last[-1]}; continue with `lorakit train --resume {run_dir} --nproc N`."
+                 if last else "No checkpoint was written."), file=sys.stderr)
+    return code
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+    """argv without `NAME VALUE` / `NAME=VALUE` (the launcher removes --nproc before re-running the command)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
