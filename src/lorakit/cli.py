@@ -305,6 +305,24 @@ def demo(
 # -- commands from other concerns are added above this line --
 
 
+@app.command()
+def plan(
+    model: str = typer.Argument("llama-2-7b", help="A preset (llama-2-7b, llama-2-70b), config.json, model folder or embedded name."),
+    devices: int = typer.Option(8, help="Devices for the DDP and FSDP2 columns."),
+    dtype: str = typer.Option("bf16", help="Base weights: fp32, bf16, fp16, int8 or nf4."),
+    r: int = typer.Option(8, help="LoRA rank."),
+    targets: str = typer.Option("q_proj,v_proj", help="Comma-separated linear layers of each block."),
+    batch: int = typer.Option(8, help="Global micro-batch (split over the devices)."),
+    seq: int = typer.Option(2048, help="Tokens per example."),
+    gradient_checkpointing: bool = typer.Option(False, help="Keep only each block's input for backward."),
+) -> None:
+    """Estimate memory per device for LoRA training: one device, DDP and FSDP2 over N devices."""
+    from lorakit.plan import plan_table
+
+    typer.echo(plan_table(model, devices, dtype, r, tuple(t.strip() for t in targets.split(",") if t.strip()),
+                          batch, seq, gradient_checkpointing))
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)

@@ -753,7 +753,8 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
                     share = loss_tokens(b) / n_targets
                     if share == 0:  # no targets in this rank's rows: contribute zero gradient, but take part
                         loss = torch.nan_to_num(loss, nan=0.0) * 0.0
-                    weighted, bad = dist.all_sum([float(loss.detach()) * share, float(not torch.isfinite(loss))])
+                    weighted, bad, tokens = dist.all_sum([float(loss.detach()) * share, float(not torch.isfinite(loss)),
+                                                          float(b["attention_mask"].sum())])
                     if bad:  # decided from all ranks' losses, so every rank stops here together
                         last = checkpoints(run_dir)
                         value = float(loss.detach()) if not torch.isfinite(loss) else "non-finite on another rank"
@@ -764,7 +765,7 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
                     # DDP and FSDP2 average gradients over ranks; the sum over ranks is the full-batch gradient
                     (loss * (share * dist.world_size())).backward()
                 step_loss += weighted
-                tokens_seen += int(b["attention_mask"].sum())
+                tokens_seen += int(tokens)  # over all ranks
             grad_norm = None
             if o.max_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], o.max_grad_norm)
@@ -824,10 +825,13 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
     dist.barrier()
     history = _Logger(run_dir, False).history()
     plot = plot_loss(history, run_dir / "loss_curve.png") if main else None
+    peak_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    peaks = dist.all_sum([peak_mb if r == dist.rank() else 0.0 for r in range(dist.world_size())])
     summary = {
         "steps": step, "trainable params": report[0], "trainable %": report[1],
         "adapter size on disk (bytes)": _dir_size(adapter_dir), "wall time (s)": round(time.perf_counter() - started, 1),
-        "peak memory (MB)": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak memory (MB)": peak_mb,
+        **({"peak memory per rank (MB)": " ".join(f"{p:.0f}" for p in peaks)} if distributed else {}),
         "examples": stats["examples"], "truncated examples": stats["truncated"],
         **{k: v for k, v in metrics.items()}, "run folder": str(run_dir), "loss curve": str(plot) if plot else "none",
     }
