@@ -140,3 +140,14 @@ def test_batch_that_does_not_split_over_ranks_is_refused(monkeypatch):
 def test_distributed_key_is_validated():
     with pytest.raises(LorakitError, match="distributed must be one of"):
         TrainConfig.from_dict({"distributed": "deepspeed"})
+
+
+def test_fsdp_refuses_a_quantized_base():
+    from lorakit import distributed
+
+    model = tiny_llama()
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.int8), requires_grad=False)
+    with pytest.raises(LorakitError, match="fsdp cannot shard this quantized base.*Use distributed: ddp"):
+        distributed.wrap(model, lambda m, b: None, "fsdp")
+    assert isinstance(distributed.wrap(tiny_llama(), lambda m, b: None, "fsdp"), distributed.LossModule)  # 1 process

@@ -108,6 +108,8 @@ class LossModule(nn.Module):
 
 def wrap(model: nn.Module, loss_fn, mode: str) -> nn.Module:
     """The engine that computes the loss: the model itself, DDP over its trainable parameters, or FSDP2."""
+    if mode == "fsdp":
+        check_shardable(model)
     engine = LossModule(model, loss_fn)
     if mode == "none" or not dist.is_initialized():
         return engine
@@ -123,6 +125,16 @@ def wrap(model: nn.Module, loss_fn, mode: str) -> nn.Module:
         fully_shard(module)
     fully_shard(engine)  # the root: embeddings, final norm, output head, and everything not in a unit
     return engine
+
+
+def check_shardable(model: nn.Module) -> None:
+    """FSDP2 shards floating-point parameters only: refuse a quantized base clearly instead of failing deep inside."""
+    quantized = [n for n, p in model.named_parameters() if not p.is_floating_point()]
+    if getattr(model, "hf_quantizer", None) is not None or quantized:
+        raise LorakitError(f"distributed: fsdp cannot shard this quantized base ({len(quantized)} integer parameter "
+                           f"tensor(s), e.g. {quantized[:2]}; FSDP2 shards float tensors only, and bitsandbytes "
+                           "4/8-bit weights are not DTensor-compatible). Use distributed: ddp (each rank holds the "
+                           "quantized base and the adapter is all-reduced) or an unquantized base with fsdp.")
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
