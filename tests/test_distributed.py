@@ -65,7 +65,7 @@ def data_file(tmp_path_factory) -> Path:
     rng = random.Random(0)
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     rows = [{"prompt": f"the {a} and the {b}", "completion": f"{b} {a}"}
-            for a, b in ((rng.choice(WORDS), rng.choice(WORDS)) for _ in range(24))]
+            for a, b in ((rng.choice(WORDS), rng.choice(WORDS)) for _ in range(25))]  # 19 for training: each epoch ends with 3 rows, split 2 + 1
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = tiny_llama()  # a model folder, so the ranks load it exactly as `lorakit train --model DIR` does
     model.save_pretrained(path.parent / "tiny-llama")
@@ -126,15 +126,15 @@ def test_a_failing_rank_stops_all_ranks_and_the_run_resumes_on_one_process(tmp_p
     assert max_diff(adapter(run), adapter(reference)) < 1e-6
 
 
-def test_batch_that_does_not_split_over_ranks_is_refused(monkeypatch):
+def test_global_batch_rows_are_split_over_ranks(monkeypatch):
     from lorakit import distributed
 
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setattr(distributed, "rank", lambda: 1)
-    batch = {"input_ids": torch.arange(6).view(3, 2)}
-    with pytest.raises(LorakitError, match="3 rows cannot be split over 2 processes"):
-        distributed.local_rows(batch)
     assert distributed.local_rows({"input_ids": torch.arange(8).view(4, 2)})["input_ids"].tolist() == [[4, 5], [6, 7]]
+    assert distributed.local_rows({"input_ids": torch.arange(6).view(3, 2)})["input_ids"].tolist() == [[4, 5]]
+    with pytest.raises(LorakitError, match="1 rows cannot be split over 2 processes"):
+        distributed.local_rows({"input_ids": torch.arange(2).view(1, 2)})
 
 
 def test_distributed_key_is_validated():

@@ -83,15 +83,16 @@ def any_rank(flag: bool) -> bool:
 
 
 def local_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """This rank's contiguous share of a global batch (the batch size must divide by the world size)."""
+    """This rank's contiguous share of a global batch. An epoch's last, smaller batch may split unevenly (the loss
+    weights count targets, so that stays exact), but every rank needs at least one row."""
     n, w = batch["input_ids"].shape[0], world_size()
     if w == 1:
         return batch
-    if n % w:
-        raise LorakitError(f"A micro-batch of {n} rows cannot be split over {w} processes; use an optim.batch_size "
-                           f"that is a multiple of {w} (and a dataset whose last batch is too, or more data).")
-    b = n // w
-    return {k: v[rank() * b:(rank() + 1) * b] for k, v in batch.items()}
+    if n < w:
+        raise LorakitError(f"A micro-batch of {n} rows cannot be split over {w} processes (each needs a row). Use "
+                           f"an optim.batch_size that is a multiple of {w} and a number of training examples whose "
+                           f"last batch has at least {w} rows, or fewer processes.")
+    return {k: torch.tensor_split(v, w)[rank()] for k, v in batch.items()}
 
 
 class LossModule(nn.Module):
@@ -225,7 +226,7 @@ def launch(nproc: int, args: list[str], run_dir: str | os.PathLike) -> int:
 
         last = checkpoints(run_dir) if run_dir else []
         print(f"error: training failed on at least one of {nproc} processes (exit code {code}); the failed rank's "
-              "traceback is above and torchrun stopped the others. "
+              "error is above and torchrun stopped the others. "
               + (f"The last checkpoint is {last[-1]}; continue with `lorakit train --resume {run_dir} --nproc N`."
                  if last else "No checkpoint was written."), file=sys.stderr)
     return code

@@ -692,6 +692,9 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     lengths = [len(e.input_ids) for e in train_data.examples]
     o = config.optim
+    if o.batch_size % dist.world_size():
+        raise LorakitError(f"optim.batch_size={o.batch_size} is the global micro-batch and must be a multiple of the "
+                           f"{dist.world_size()} processes.")
     micro_per_epoch = math.ceil(len(lengths) / o.batch_size)
     total_steps = o.max_steps or math.ceil(micro_per_epoch * o.epochs / o.grad_accum)
     optimizer = _optimizer(params, o)
