@@ -1,4 +1,4 @@
-"""One process x 2 threads vs 2 processes (DDP, gloo) x 1 thread on the default model: step time and peak RSS per rank.
+"""One process x 2 threads vs 2 processes (DDP or FSDP2, gloo) x 1 thread on the default model: step time and peak RSS per rank.
 
     PYTHONPATH=src python benchmarks/distributed.py --steps 6 --batch 8 --seq 128
 
@@ -25,11 +25,14 @@ RESULTS = Path(__file__).parent / "results"
 WORDS = "the a cat dog bird fish tree house car road city river sky sun moon star red blue green big small".split()
 
 
-def run(name: str, nproc: int, threads: int, args: argparse.Namespace, data: Path, work: Path) -> dict:
-    out = work / name
+def run(name: str, nproc: int, threads: int, args: argparse.Namespace, data: Path, work: Path,
+        mode: str = "ddp") -> dict:
+    out = work / mode / str(nproc)
     cmd = [sys.executable, "-m", "lorakit", "train", "--model", args.model, "--train-file", str(data), "--format",
            "text", "--max-length", str(args.seq), "--batch-size", str(args.batch), "--max-steps", str(args.steps),
            "--output-dir", str(out), "--set", "tensorboard=false", "--set", "progress=false", "--nproc", str(nproc)]
+    if nproc > 1:
+        cmd += ["--distributed", mode]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     started = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -59,7 +62,8 @@ def main() -> None:
                                 for _ in range(args.batch * args.steps)))
         load = os.getloadavg()
         rows = [run("1 process x 2 threads", 1, 2, args, data, work),
-                run("2 processes (DDP) x 1 thread", 2, 1, args, data, work)]
+                run("2 processes (DDP) x 1 thread", 2, 1, args, data, work),
+                run("2 processes (FSDP2) x 1 thread", 2, 1, args, data, work, "fsdp")]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = {"model": args.model, "steps": args.steps, "global_batch": args.batch, "seq": args.seq,

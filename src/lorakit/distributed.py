@@ -135,7 +135,7 @@ def check_shardable(model: nn.Module) -> None:
         raise LorakitError(f"distributed: fsdp cannot shard this quantized base ({len(quantized)} integer parameter "
                            f"tensor(s), e.g. {quantized[:2]}; FSDP2 shards float tensors only, and bitsandbytes "
                            "4/8-bit weights are not DTensor-compatible). Use distributed: ddp (each rank holds the "
-                           "quantized base and the adapter is all-reduced) or an unquantized base with fsdp.")
+                           "quantized base and the adapter is all-reduced) or fsdp with an unquantized or bf16 base (base_dtype: bf16).")
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
