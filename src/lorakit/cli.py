@@ -210,7 +210,7 @@ _TRAIN_OPTIONS = {  # CLI option -> dotted TrainConfig key
     "lr": "optim.lr", "epochs": "optim.epochs", "max_steps": "optim.max_steps", "batch_size": "optim.batch_size",
     "grad_accum": "optim.grad_accum", "r": "lora.r", "alpha": "lora.alpha", "precision": "precision",
     "base_dtype": "base_dtype", "eval_every": "eval_every", "save_every": "save_every", "metric": "metric",
-    "gradient_checkpointing": "gradient_checkpointing",
+    "gradient_checkpointing": "gradient_checkpointing", "distributed": "distributed",
 }
 
 
@@ -242,15 +242,18 @@ def train(
     metric: Optional[str] = typer.Option(None, help="accuracy or exact_match on the validation data."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, help="Trade compute for memory."),
     show_example: bool = typer.Option(False, help="Print the tokens of the first example as the model sees them."),
+    distributed: Optional[str] = typer.Option(None, help="none, ddp or fsdp: how ranks share work under torchrun."),
+    nproc: int = typer.Option(1, help="Processes on this machine; N > 1 runs torchrun for you (ddp by default)."),
 ) -> None:
     """Fine-tune with LoRA from a YAML config plus command-line overrides; resumable (--resume RUN_DIR)."""
+    from lorakit import distributed as dist
     from lorakit.training import TrainConfig, train as run
 
     values = {"train_file": train_file, "eval_file": eval_file, "format": format, "max_length": max_length,
               "model": model, "output_dir": output_dir, "seed": seed, "lr": lr, "epochs": epochs,
               "max_steps": max_steps, "batch_size": batch_size, "grad_accum": grad_accum, "r": r, "alpha": alpha,
               "precision": precision, "base_dtype": base_dtype, "eval_every": eval_every, "save_every": save_every,
-              "metric": metric, "gradient_checkpointing": gradient_checkpointing}
+              "metric": metric, "gradient_checkpointing": gradient_checkpointing, "distributed": distributed}
     overrides = {_TRAIN_OPTIONS[k]: v for k, v in values.items() if v is not None}
     if target_modules is not None:
         overrides["lora.target_modules"] = _parse_targets(target_modules)
@@ -263,6 +266,14 @@ def train(
         path = overrides.get(key)
         if isinstance(path, str) and not Path(path).exists() and (data_dir / path).exists():
             overrides[key] = str(data_dir / path)
+    if nproc > 1 and not dist.launched():  # re-run this very command under torchrun, N ranks
+        args, run_dir = dist.without_option(sys.argv[1:], "--nproc"), resume
+        if resume is None:
+            planned = TrainConfig.from_yaml(config, overrides)  # bad configs fail here, before any process starts
+            run_dir = planned.output_dir
+            if planned.distributed == "none":
+                args += ["--distributed", "ddp"]
+        raise typer.Exit(dist.launch(nproc, args, run_dir))
     if resume is not None:
         if config is not None or overrides:
             raise LorakitError("--resume continues a run with its saved config; do not combine it with --config "
@@ -270,6 +281,10 @@ def train(
         result = run(None, resume=resume, show_example_first=show_example)
     else:
         result = run(TrainConfig.from_yaml(config, overrides), show_example_first=show_example)
+    main = dist.is_main()
+    dist.teardown(dist.launched())
+    if not main:
+        return
     if result.interrupted:
         typer.echo(f"stopped at step {result.steps}; resume with: lorakit train --resume {result.run_dir}")
     else:
@@ -288,6 +303,24 @@ def demo(
 
 
 # -- commands from other concerns are added above this line --
+
+
+@app.command()
+def plan(
+    model: str = typer.Argument("llama-2-7b", help="A preset (llama-2-7b, llama-2-70b), config.json, model folder or embedded name."),
+    devices: int = typer.Option(8, help="Devices for the DDP and FSDP2 columns."),
+    dtype: str = typer.Option("bf16", help="Base weights: fp32, bf16, fp16, int8 or nf4."),
+    r: int = typer.Option(8, help="LoRA rank."),
+    targets: str = typer.Option("q_proj,v_proj", help="Comma-separated linear layers of each block."),
+    batch: int = typer.Option(8, help="Global micro-batch (split over the devices)."),
+    seq: int = typer.Option(2048, help="Tokens per example."),
+    gradient_checkpointing: bool = typer.Option(False, help="Keep only each block's input for backward."),
+) -> None:
+    """Estimate memory per device for LoRA training: one device, DDP and FSDP2 over N devices."""
+    from lorakit.plan import plan_table
+
+    typer.echo(plan_table(model, devices, dtype, r, tuple(t.strip() for t in targets.split(",") if t.strip()),
+                          batch, seq, gradient_checkpointing))
 
 
 def main(argv: list[str] | None = None) -> None:

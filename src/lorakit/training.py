@@ -38,6 +38,7 @@ import yaml
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit import distributed as dist
 from lorakit.data import (DataConfig, TokenizedData, collate, epoch_batches, iterate_batches,
                           loss_tokens, read_records, show_example, split_records, tokenize)
 from lorakit.errors import LorakitError
@@ -46,6 +47,7 @@ from lorakit.fsutil import atomic_directory, atomic_write_text, write_json
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("linear", "constant", "cosine")
 METRICS = (None, "accuracy", "exact_match")
+DISTRIBUTED = ("none", "ddp", "fsdp")
 CONFIG_FILE = "config.yaml"
 
 
@@ -129,6 +131,8 @@ class TrainConfig:
     """Generation length for exact_match."""
     tensorboard: bool = True
     progress: bool = True
+    distributed: str = "none"
+    """none, ddp (adapter replicated) or fsdp (FSDP2: base sharded) when launched by torchrun; see lorakit.distributed."""
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -154,6 +158,8 @@ class TrainConfig:
                 out.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.metric not in METRICS:
             out.append(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.distributed not in DISTRIBUTED:
+            out.append(f"distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
         return out + self.data.problems() + self.optim.problems()
 
     # -- (de)serialisation ------------------------------------------------------------------------
@@ -299,6 +305,8 @@ def save_trained(model: nn.Module, path: Path, extra: dict[str, Any]) -> Path:
 
     from lorakit.adapter_io import save_adapter
 
+    if not dist.is_main():  # under torchrun, rank 0 alone writes (the others hold the same adapter)
+        return path
     if _has_lorakit_adapter(model):
         return save_adapter(model, path, extra=extra)
     with atomic_directory(path) as tmp:
@@ -312,17 +320,20 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            if torch.is_tensor(value):  # FSDP2 states are shards: gather (a collective; every rank is here)
+                tensors[f"{idx}.{key}"] = dist.full_tensor(value.detach()).cpu().contiguous()
             else:
                 scalars[f"{idx}.{key}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         idx, name = key.split(".", 1)
+        if torch.is_tensor(value) and value.ndim:  # moments: this rank's shard under FSDP2
+            value = dist.shard_like(value, params[int(idx)])
         state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
@@ -355,6 +366,8 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, position
 
     opt_tensors, opt_meta = _optimizer_state(optimizer)
     rng_tensors, rng_meta = _rng_state()
+    if not dist.is_main():
+        return path
     with atomic_directory(path) as tmp:
         # The checkpoint folder is itself an adapter folder (load_adapter / eval accept it): the adapter is written
         # first, atomically replacing the still-empty temporary folder (atomic_directory keeps folders flat).
@@ -504,8 +517,10 @@ def exact_match(model: nn.Module, tokenizer, data: TokenizedData, max_new_tokens
 class _Logger:
     """metrics.jsonl (appended, one object a line) and TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True):
         self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        """False on ranks other than 0: they log nothing."""
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -513,6 +528,8 @@ class _Logger:
             self.writer = SummaryWriter(str(run_dir / "tb"))
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.writer is not None:
@@ -528,7 +545,8 @@ class _Logger:
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines logged after the checkpoint, which the resumed run will log again."""
         kept = [r for r in self.history() if r["step"] <= step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        if self.enabled:
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def close(self) -> None:
         if self.writer is not None:
@@ -622,6 +640,9 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
         raise LorakitError(f"{run_dir} already holds a run with checkpoints; use `--resume {run_dir}` to continue it "
                            "or choose another output_dir.")
     _seed_everything(config.seed)
+    distributed = dist.setup(config.distributed)
+    main = dist.is_main()
+    say = print if main else (lambda *args, **kwargs: None)
 
     if model is not None and tokenizer is None:
         raise LorakitError("train(): pass the model's tokenizer together with model=.")
@@ -667,24 +688,31 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
         raise LorakitError("Nothing to train: no parameter has requires_grad. Add an adapter (add_lora) or unfreeze "
                            "the parameters you want to train.")
     if show_example_first:
-        print(show_example(train_data.examples[0], tokenizer))
+        say(show_example(train_data.examples[0], tokenizer))
+    engine = dist.wrap(model, lambda m, b: batch_loss(m, b, task), config.distributed if distributed else "none")
+    params = _trainable(model)  # FSDP2 replaced them with sharded parameters
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     lengths = [len(e.input_ids) for e in train_data.examples]
     o = config.optim
+    if o.batch_size % dist.world_size():
+        raise LorakitError(f"optim.batch_size={o.batch_size} is the global micro-batch and must be a multiple of the "
+                           f"{dist.world_size()} processes.")
     micro_per_epoch = math.ceil(len(lengths) / o.batch_size)
     total_steps = o.max_steps or math.ceil(micro_per_epoch * o.epochs / o.grad_accum)
     optimizer = _optimizer(params, o)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(o, total_steps))
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG_FILE, config.to_yaml())
-    logger = _Logger(run_dir, config.tensorboard)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / CONFIG_FILE, config.to_yaml())
+    dist.barrier()
+    logger = _Logger(run_dir, config.tensorboard and main, enabled=main)
     step, micro, best, best_dir = 0, 0, None, None
     if resumed is not None:
         with torch.no_grad():
             for name, p in params:
-                p.copy_(resumed["trainable"][name])
+                p.copy_(dist.shard_like(resumed["trainable"][name], p))
         _load_optimizer_state(optimizer, *resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         pos = resumed["position"]
@@ -692,13 +720,14 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
         best_dir = run_dir / "best" if (run_dir / "best").is_dir() else None
         _set_rng_state(*resumed["rng"])
         logger.truncate_after(step)
-        print(f"resuming from {ckpt_path} (step {step}/{total_steps})")
+        say(f"resuming from {ckpt_path} (step {step}/{total_steps})")
 
     report = _param_report(model)
     stats = {"examples": len(train_data.examples), "truncated": train_data.truncated, "dropped": train_data.dropped}
-    print(f"{stats['examples']} training examples ({train_data.format}), {stats['truncated']} truncated to "
+    say(f"{stats['examples']} training examples ({train_data.format}), {stats['truncated']} truncated to "
           f"{config.data.max_length} tokens, {stats['dropped']} dropped; "
-          f"{len(eval_data.examples) if eval_data else 0} validation examples; {total_steps} steps")
+          f"{len(eval_data.examples) if eval_data else 0} validation examples; {total_steps} steps"
+          + (f"; {config.distributed} over {dist.world_size()} processes" if distributed else ""))
 
     interrupted = {"flag": False}
 
@@ -709,12 +738,12 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
         print("\ninterrupt: finishing this step, saving a checkpoint (Ctrl-C again to abort without saving)")
 
     old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
-    bar = _progress(total_steps, step, config.progress)
+    bar = _progress(total_steps, step, config.progress and main)
     metrics: dict[str, float] = {}
     tokens_seen, tick = 0, time.perf_counter()
-    model.train()
+    engine.train()
     try:
-        while step < total_steps and not interrupted["flag"]:
+        while step < total_steps and not dist.any_rank(interrupted["flag"]):
             micro_batches = []
             for _ in range(o.grad_accum):
                 epoch, index = divmod(micro, micro_per_epoch)
@@ -723,20 +752,30 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
                 micro += 1
             n_targets = sum(loss_tokens(b) for b in micro_batches)
             step_loss = 0.0
-            for b in micro_batches:
-                with _autocast(config):
-                    loss = batch_loss(model, b, task)
-                if not torch.isfinite(loss):
-                    last = checkpoints(run_dir)
-                    raise LorakitError(f"The loss became {float(loss.detach())} at step {step + 1}; training stopped. "
-                                       f"The last good checkpoint is {last[-1] if last else 'none (no checkpoint yet)'}. "
-                                       "Try a lower optim.lr, fp32 precision, or check the data.")
-                (loss * (loss_tokens(b) / n_targets)).backward()
-                step_loss += float(loss.detach()) * loss_tokens(b) / n_targets
-                tokens_seen += int(b["attention_mask"].sum())
+            for i, b in enumerate(micro_batches):
+                b = dist.local_rows(b)  # under torchrun: this rank's rows of the global micro-batch
+                with _autocast(config), dist.no_sync(engine, skip=i < len(micro_batches) - 1):
+                    loss = engine(b)
+                    share = loss_tokens(b) / n_targets
+                    if share == 0:  # no targets in this rank's rows: contribute zero gradient, but take part
+                        loss = torch.nan_to_num(loss, nan=0.0) * 0.0
+                    weighted, bad, tokens = dist.all_sum([float(loss.detach()) * share, float(not torch.isfinite(loss)),
+                                                          float(b["attention_mask"].sum())])
+                    if bad:  # decided from all ranks' losses, so every rank stops here together
+                        last = checkpoints(run_dir)
+                        value = float(loss.detach()) if not torch.isfinite(loss) else "non-finite on another rank"
+                        raise LorakitError(f"The loss became {value} at step {step + 1}; training stopped. "
+                                           f"The last good checkpoint is "
+                                           f"{last[-1] if last else 'none (no checkpoint yet)'}. "
+                                           "Try a lower optim.lr, fp32 precision, or check the data.")
+                    # DDP and FSDP2 average gradients over ranks; the sum over ranks is the full-batch gradient
+                    (loss * (share * dist.world_size())).backward()
+                step_loss += weighted
+                tokens_seen += int(tokens)  # over all ranks
             grad_norm = None
             if o.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in params], o.max_grad_norm))
+                norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], o.max_grad_norm)
+                grad_norm = float(dist.full_tensor(norm))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -752,20 +791,24 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
             if eval_data is not None and config.eval_every and step % config.eval_every == 0 and step < total_steps:
-                metrics = evaluate(model, tokenizer, eval_data, task, config)
+                # two separate gathers: FSDP2's forward hooks put their shards back into the modules it runs
+                with dist.full_params(engine):
+                    metrics = evaluate(model, tokenizer, eval_data, task, config)
                 record.update(metrics)
-                best, best_dir = _maybe_best(model, run_dir, config, metrics, best, best_dir, step)
+                with dist.full_params(engine):
+                    best, best_dir = _maybe_best(model, run_dir, config, metrics, best, best_dir, step)
             if step % config.log_every == 0 or "eval_loss" in record:
                 logger.log(record)
             position = {"step": step, "micro": micro, "best": best, "total_steps": total_steps}
             if config.save_every and step % config.save_every == 0 and step < total_steps:
-                _checkpoint(run_dir, model, optimizer, scheduler, position, config)
+                _checkpoint(run_dir, model, engine, optimizer, scheduler, position, config)
             if on_step is not None:
                 on_step(step, record)
+        interrupted["flag"] = dist.any_rank(interrupted["flag"])
         if interrupted["flag"] and step < total_steps:
-            path = _checkpoint(run_dir, model, optimizer, scheduler,
+            path = _checkpoint(run_dir, model, engine, optimizer, scheduler,
                                {"step": step, "micro": micro, "best": best, "total_steps": total_steps}, config)
-            print(f"interrupted: checkpoint saved to {path}; continue with `lorakit train --resume {run_dir}`")
+            say(f"interrupted: checkpoint saved to {path}; continue with `lorakit train --resume {run_dir}`")
     finally:
         bar.close()
         logger.close()
@@ -773,36 +816,48 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
             signal.signal(signal.SIGINT, old_handler)
 
     if not interrupted["flag"] and eval_data is not None:
-        metrics = evaluate(model, tokenizer, eval_data, task, config)
-        logger_final = _Logger(run_dir, False)
-        logger_final.log({"step": step, **metrics})
-        best, best_dir = _maybe_best(model, run_dir, config, metrics, best, best_dir, step)
+        with dist.full_params(engine):
+            metrics = evaluate(model, tokenizer, eval_data, task, config)
+        _Logger(run_dir, False, enabled=main).log({"step": step, **metrics})
+        with dist.full_params(engine):
+            best, best_dir = _maybe_best(model, run_dir, config, metrics, best, best_dir, step)
     adapter_dir = None
     if not interrupted["flag"]:
-        _checkpoint(run_dir, model, optimizer, scheduler,
+        _checkpoint(run_dir, model, engine, optimizer, scheduler,
                     {"step": step, "micro": micro, "best": best, "total_steps": total_steps}, config)
-        adapter_dir = save_trained(model, run_dir / "adapter", {"train_config": config.to_dict(), "step": step,
-                                                                "metrics": metrics})
+        with dist.full_params(engine):
+            adapter_dir = save_trained(model, run_dir / "adapter", {"train_config": config.to_dict(), "step": step,
+                                                                    "metrics": metrics})
+    dist.barrier()
     history = _Logger(run_dir, False).history()
-    plot = plot_loss(history, run_dir / "loss_curve.png")
+    plot = plot_loss(history, run_dir / "loss_curve.png") if main else None
+    peak_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    peaks = dist.all_sum([peak_mb if r == dist.rank() else 0.0 for r in range(dist.world_size())])
     summary = {
         "steps": step, "trainable params": report[0], "trainable %": report[1],
         "adapter size on disk (bytes)": _dir_size(adapter_dir), "wall time (s)": round(time.perf_counter() - started, 1),
-        "peak memory (MB)": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak memory (MB)": peak_mb,
+        **({"peak memory per rank (MB)": " ".join(f"{p:.0f}" for p in peaks)} if distributed else {}),
         "examples": stats["examples"], "truncated examples": stats["truncated"],
         **{k: v for k, v in metrics.items()}, "run folder": str(run_dir), "loss curve": str(plot) if plot else "none",
     }
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    if config.progress:
+    if main:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if config.progress and main:
         print(summary_table(summary))
     return TrainResult(run_dir, adapter_dir, best_dir, step, metrics, history, summary, interrupted["flag"])
 
 
-def _checkpoint(run_dir: Path, model, optimizer, scheduler, position: dict[str, Any], config: TrainConfig) -> Path:
-    path = save_checkpoint(run_dir / "checkpoints" / f"step-{position['step']:06d}", model, optimizer, scheduler,
-                           position, config)
-    for old in checkpoints(run_dir)[:-config.keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+def _checkpoint(run_dir: Path, model: nn.Module, engine: nn.Module, optimizer, scheduler, position: dict[str, Any],
+                config: TrainConfig) -> Path:
+    """Every rank calls this (FSDP2 gathers shards); rank 0 writes, and the others wait until the folder is whole."""
+    with dist.full_params(engine):
+        path = save_checkpoint(run_dir / "checkpoints" / f"step-{position['step']:06d}", model, optimizer, scheduler,
+                               position, config)
+    if dist.is_main():
+        for old in checkpoints(run_dir)[:-config.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
     return path
 
 
