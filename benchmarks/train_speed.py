@@ -8,11 +8,15 @@ order; ~40-60 minutes on 2 CPU cores. Reported: median step time, peak RSS, rati
 Variants (same batch, same LoRA math):
   full       full fine-tuning, AdamW, fp32, the model's own loss
   peft       PEFT LoRA, fp32, the model's own loss (PEFT's default setup)
+  peft-tuned `peft` with glibc's mmap threshold fixed at 128 KiB, as lorakit.train sets it (equal allocator)
   lorakit    lorakit LoRA, fp32 (equal math to `peft`) as `lorakit.train` runs it: fused linear+cross-entropy loss on
-             labelled positions only, gated MLP keeping one activation fewer (`lorakit.fused`)
+             labelled positions only, gated MLP keeping one activation fewer (`lorakit.fused`), glibc's mmap
+             threshold fixed at 128 KiB (`lorakit.memory`)
+  lk-glibc   `lorakit` with the allocator left at glibc's defaults (equal allocator to `peft`)
   lk-bf16    frozen base cast to bf16 once, LoRA fp32, eager attention, fused loss; run only where this CPU's bf16
              matmul is faster than fp32 (AMX / AVX512-BF16), which the benchmark measures first (--bf16 on forces it)
-  floor      forward + backward through the frozen fp32 model, no weight gradients at all (fused loss), no optimizer
+  floor      forward + backward through the frozen fp32 model, no weight gradients at all (fused loss), no optimizer,
+             allocator as `lorakit`
 
 Also checked: with identical A/B values PEFT and lorakit give the same loss and LoRA gradients; the loss trajectory
 over --traj-steps steps (lorakit fp32, and lorakit bf16 where it runs, vs PEFT fp32) from identical initial A/B;
@@ -74,12 +78,12 @@ def build(variant: str, targets: str, r: int = 8):
     if variant == "full":
         for p in model.parameters():
             p.requires_grad_(True)
-    elif variant == "peft":
+    elif variant in ("peft", "peft-tuned"):
         import peft
 
         cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGETS[targets])
         model = peft.get_peft_model(model, cfg)
-    elif variant in ("lorakit", "lk-bf16"):
+    elif variant in ("lorakit", "lk-glibc", "lk-bf16"):
         lk.add_lora(model, lk.LoraConfig(r=r, alpha=2 * r, target_modules=TARGETS[targets]))
         fuse_gated_mlp(model)  # what lorakit.train does: exact, one MLP activation fewer kept for backward
         if variant == "lk-bf16":
@@ -96,7 +100,7 @@ def build(variant: str, targets: str, r: int = 8):
 def loss_fn(variant: str, model, batch):
     from lorakit.losses import causal_lm_loss
 
-    if variant in ("full", "peft"):
+    if variant in ("full", "peft", "peft-tuned"):
         return model(**batch).loss
     if variant == "floor":
         embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
@@ -109,7 +113,14 @@ def loss_fn(variant: str, model, batch):
     return causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"])
 
 
+TUNED_ALLOCATOR = ("lorakit", "lk-bf16", "peft-tuned", "floor")
+
+
 def worker(args) -> None:
+    from lorakit.memory import set_mmap_threshold
+
+    if args.variant in TUNED_ALLOCATOR:
+        set_mmap_threshold(128 * 1024)  # what lorakit.train does by default (malloc_mmap_threshold_kb: 128)
     torch.manual_seed(0)
     model, tok = build(args.variant, args.targets)
     batch = make_batch(tok, Path(args.data_dir), args.batch, args.seq, mask_prompt=args.mask_prompt)
@@ -293,10 +304,11 @@ def main() -> None:
     print(f"GEMM on this CPU: fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s -> bf16 variant "
           f"{'on' if use_bf16 else 'off'}", flush=True)
     bf16 = ["lk-bf16"] if use_bf16 else []
-    cases = [("qv", 8, 128, False, ["full", "peft", "lorakit", *bf16, "floor"]),
-             ("all", 8, 128, False, ["peft", "lorakit", *bf16, "floor"]),
-             ("qv", 2, 512, False, ["peft", "lorakit", *bf16, "floor"]),
-             ("qv", 8, 128, True, ["peft", "lorakit", *bf16, "floor"])]
+    lora = ["peft", "peft-tuned", "lorakit", "lk-glibc", *bf16, "floor"]
+    cases = [("qv", 8, 128, False, ["full", *lora]),
+             ("all", 8, 128, False, lora),
+             ("qv", 2, 512, False, lora),
+             ("qv", 8, 128, True, lora)]
     if args.quick:
         cases = cases[:1]
     results = {"setup": {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
@@ -329,8 +341,8 @@ def main() -> None:
 
 def write(results: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["| targets | batch | variant | step (median s) | peak RSS (GB) | time / PEFT | RSS / PEFT | time / floor |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| targets | batch | variant | step (median s) | peak RSS (GB) | time / PEFT | RSS / PEFT | "
+             "RSS / PEFT-tuned | time / floor |", "|---|---|---|---|---|---|---|---|---|"]
     for case in results["cases"]:
         v = case["variants"]
         for name, d in v.items():
@@ -338,6 +350,7 @@ def write(results: dict, out: Path) -> None:
             shape = f"{case['batch']}×{case['seq']}" + (" prompt masked" if case.get("prompt_masked") else "")
             lines.append(f"| {case['targets']} | {shape} | {name} | {d['median_s']:.2f} | "
                          f"{d['peak_rss_gb']:.2f} | {ratio('median_s', 'peft')} | {ratio('peak_rss_gb', 'peft')} | "
+                         f"{ratio('peak_rss_gb', 'peft-tuned')} | "
                          f"{ratio('median_s', 'floor')} |")
     eq = results["equivalence"]
     lines += ["", f"Equal math (identical A/B, q,v r=8): loss PEFT {eq['loss_peft']:.6f} vs lorakit {eq['loss_lorakit']:.6f} "
