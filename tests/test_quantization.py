@@ -61,6 +61,18 @@ def test_quantized_base_is_close_to_fp32_trains_lora_only_and_disabled_is_the_qu
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
 
 
+def test_lora_weights_in_a_chosen_dtype_on_a_quantized_base(ids):
+    model = quantize_model(tiny_llama(), "nf4")
+    lk.add_lora(model, lk.LoraConfig(r=4, alpha=8), dtype=torch.bfloat16)
+    randomize_lora_B(model, std=0.05)
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(p.dtype == torch.bfloat16 for p in lora.values())
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.float32  # the base computes in fp32; the bf16 LoRA output is cast back
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in lora.values())
+
+
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     words = "cat dog bird fish tree house car road city river".split()
@@ -94,16 +106,18 @@ def test_qlora_training_lowers_the_loss_like_fp32_lora_and_the_adapter_loads_on_
         lk.load_adapter(nf4, result.adapter_dir)
 
 
-def test_cli_train_quantize_int8_and_bad_settings(tmp_path, data_file, capsys):
+def test_cli_train_quantize_int8_with_loftq_init_and_bad_settings(tmp_path, data_file, capsys):
     from lorakit.cli import main
 
     model_dir = save_tiny_lm(tmp_path / "tiny")
     with pytest.raises(SystemExit) as ex:
         main(["train", "--model", str(model_dir), "--train-file", str(data_file), "--output-dir",
               str(tmp_path / "run"), "--max-steps", "2", "--quantize", "int8", "--set", "progress=false",
-              "--set", "tensorboard=false"])
+              "--set", "tensorboard=false", "--set", "lora.init=loftq"])
     assert ex.value.code == 0 and "adapter:" in capsys.readouterr().out
     assert TrainConfig.from_yaml(tmp_path / "run" / "config.yaml").quantize == "int8"
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] == "loftq" and saved["loftq_config"] == {"loftq_bits": 8, "loftq_iter": 1}
     with pytest.raises(LorakitError, match="quantize must be nf4, int8 or null, got 'fp8'"):
         TrainConfig.from_dict({"quantize": "fp8"})
     with pytest.raises(LorakitError, match="lora.init=loftq .* also set quantize"):
