@@ -23,6 +23,10 @@ from tiny_text import save_tiny_lm, tiny_tokenizer  # noqa: E402
 # Max |quantized − fp32| logits relative to max |fp32 logits| on the tiny Llama: NF4 (4-bit, blocks of 64) measured
 # ~0.11, int8 (per-row absmax) ~0.005; the bounds leave room for other seeds.
 RELATIVE_DRIFT = {"nf4": 0.25, "int8": 0.02}
+# merge_quantized in fp32 vs the quantized base + adapter: NF4 layers compute with the dequantized weight (exact up to
+# fp32 rounding); bitsandbytes' int8 layer in eval mode also rounds the activations to int8 (measured 1.9e-3 here,
+# with an adapter effect of 0.22).
+MERGE_DRIFT = {"nf4": 1e-5, "int8": 1e-2}
 
 
 @pytest.fixture
@@ -134,6 +138,16 @@ def qlora_model(method: str = "nf4"):
     return model
 
 
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_peft_loads_a_qlora_adapter_on_the_same_quantized_base_with_the_same_logits(method, tmp_path, ids):
+    from peft import PeftModel
+
+    model = qlora_model(method)
+    lk.save_adapter(model, tmp_path / "adapter")
+    theirs = PeftModel.from_pretrained(quantize_model(tiny_llama(), method), tmp_path / "adapter")
+    assert torch.equal(logits(theirs, ids), logits(model, ids))
+
+
 def test_plain_merge_on_a_quantized_base_says_what_to_do():
     model = qlora_model()
     with pytest.raises(LorakitError, match="Cannot merge into a quantized base .*merge_quantized"):
@@ -148,7 +162,7 @@ def test_merge_quantized_dequantizes_merges_and_reports_the_drift(method, ids):
     plain, report = merge_quantized(model, ids)
     assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear and not hasattr(plain, "lora_configs")
     assert report.method == method and report.dtype == "float32" and report.adapter_effect > 1e-2
-    assert report.max_logit_diff < 1e-5
+    assert report.max_logit_diff < MERGE_DRIFT[method]
     assert float((logits(plain, ids) - expected).abs().max()) == pytest.approx(report.max_logit_diff)
 
     plain16, report16 = merge_quantized(qlora_model(method), ids, dtype="bfloat16")

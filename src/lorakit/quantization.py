@@ -75,6 +75,7 @@ def quantize_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype =
         q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
     if has_bias:
         q.bias = nn.Parameter(linear.bias.detach().to(compute_dtype).cpu().clone(), requires_grad=False)
+    q.train(linear.training)  # bitsandbytes' int8 layer computes differently in eval mode (int8 activations)
     return q.to(linear.weight.device)  # bitsandbytes quantizes on the move to a device
 
 
@@ -98,7 +99,7 @@ def dequantize_linear(module: nn.Module, dtype: torch.dtype = torch.float32) -> 
         if module.bias is not None:
             linear.bias.copy_(module.bias)
     linear.requires_grad_(False)
-    return linear
+    return linear.train(module.training)
 
 
 def weight_bytes(model: nn.Module) -> int:
