@@ -7,7 +7,8 @@ The three models are held at once and step in turn (fp32, nf4, int8, fp32, ...) 
 on a shared machine hits them alike.
 Weight memory is the bytes of the base model's parameters and buffers plus bitsandbytes' quantization statistics
 (absmax, codebooks), before LoRA is added. The output head / tied embeddings stay fp32 in every variant. Drift: the
-quantized base's logits vs the fp32 base's on 2 × 64 tokens (max and mean |Δ|, and how often the top-1 token agrees).
+quantized base's logits vs the fp32 base's on 2 × 64 tokens in eval mode (max and mean |Δ|, and how often the top-1
+token agrees); bitsandbytes' int8 layer also rounds the activations to int8 there (in training mode it does not).
 
     python benchmarks/quantized.py        # writes benchmarks/results/quantized.json + .md
 """
@@ -103,7 +104,8 @@ def main() -> None:
                          warmup_steps=args.warmup, measured_steps=args.steps, threads=args.threads)
     header = ("# Quantized frozen base (QLoRA): weight memory, training step time, logit drift vs fp32\n\n"
               f"Budget: {budget}. bitsandbytes NF4 (double-quantized statistics, blocks of 64, fp32 compute) and "
-              "int8 (per-row absmax); the tied embeddings / output head stay fp32. Drift on 2×64 tokens.")
+              "int8 (per-row absmax); the tied embeddings / output head stay fp32. Drift on 2×64 tokens, eval mode "
+              "(int8 activations for the int8 base).")
     write("quantized", args.out, {"benchmark": "quantized", "budget": budget, "args": vars(args), "results": rows},
           rows, ["weight_MiB", "weight_vs_fp32", "step_s_median", "step_vs_fp32", "max_logit_drift",
                  "mean_logit_drift", "top1_agree_pct"], header)
