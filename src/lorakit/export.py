@@ -74,7 +74,9 @@ def check_mergeable(model: nn.Module) -> None:
         weight = layer.base_layer.weight
         if not weight.is_floating_point():
             raise LorakitError(f"{name} stores its base weight as {weight.dtype} (quantized); merging would corrupt "
-                               "it. Merge into an unquantized copy of the base.")
+                               "it. Merge into an unquantized copy of the base (`lorakit merge --quantize nf4|int8` "
+                               "merges a QLoRA adapter into the dequantized base; in Python: "
+                               "lorakit.quantization.merge_quantized).")
         if len(owners[id(weight)]) > 1:
             raise LorakitError(f"The adapter changes {name}, whose weight is tied to {owners[id(weight)]}; merging "
                                "would change both. Train the adapter without that module, or untie the weights "
