@@ -120,7 +120,10 @@ def weight_bytes(model: nn.Module) -> int:
             add(state.absmax)
             add(state.code)
             state = state.state2
-        add(getattr(t, "SCB", None))
+    for module in model.modules():  # int8: the per-row scales, on the weight until the first forward, then on state
+        if quantization_method(module) == "int8":
+            scb = module.weight.SCB if getattr(module.weight, "SCB", None) is not None else module.state.SCB
+            add(scb)
     return total
 
 
