@@ -59,6 +59,10 @@ def _base_name(model: nn.Module) -> str | None:
 # ---------------------------------------------------------------------------------------------------- fingerprint
 def _unmerged_weight(layer) -> torch.Tensor:
     weight = layer.base_layer.weight.detach()
+    if not weight.is_floating_point():  # a quantized base: fingerprint the weights it computes with
+        from lorakit.quantization import dequantize_weight
+
+        weight = dequantize_weight(layer.base_layer)
     for name in layer.merged_adapters:
         weight = weight.float() - layer.delta_weight(name)
     return weight
@@ -72,10 +76,15 @@ def base_fingerprint(model: nn.Module, adapter: str) -> dict[str, Any]:
     """
     digest = hashlib.sha256()
     modules = {}
+    quantization = None
     for name, layer in lora_layers(model):
         if not isinstance(layer, LORA_LAYERS) or adapter not in layer.adapters:
             continue
         w = _unmerged_weight(layer)
+        if not layer.base_layer.weight.is_floating_point():
+            from lorakit.quantization import quantization_method
+
+            quantization = quantization_method(layer.base_layer)
         digest.update(name.encode() + str(w.dtype).encode())
         digest.update(w.contiguous().cpu().view(torch.uint8).numpy().tobytes() if w.dtype != torch.bfloat16
                       else w.contiguous().cpu().view(torch.int16).numpy().tobytes())
@@ -85,7 +94,8 @@ def base_fingerprint(model: nn.Module, adapter: str) -> dict[str, Any]:
         signs = (torch.randint(0, 2, (idx.numel(),), generator=gen) * 2 - 1).double().to(flat.device)
         probe = float((flat[idx] * signs).sum())
         modules[name] = [list(w.shape), float(flat.mean()), float(flat.std()) if flat.numel() > 1 else 0.0, probe]
-    return {"method": FINGERPRINT_METHOD, "sha256": digest.hexdigest(), "modules": modules}
+    return {"method": FINGERPRINT_METHOD, "sha256": digest.hexdigest(), "modules": modules,
+            "quantization": quantization}
 
 
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], strict: bool, path: Path) -> None:
@@ -93,6 +103,11 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], strict: bo
         warnings.warn(f"{path}: unknown base fingerprint method {saved.get('method')!r}; base not checked.")
         return
     if saved.get("sha256") == current["sha256"]:
+        return
+    if saved.get("quantization") != current.get("quantization"):
+        # A QLoRA adapter on the full-precision base (or the reverse) is normal use; the weights differ by design.
+        warnings.warn(f"{path}: the adapter was trained on a {saved.get('quantization') or 'full-precision'} base and "
+                      f"is loaded into a {current.get('quantization') or 'full-precision'} one; base not checked.")
         return
     mismatched = []
     for name, (shape, mean, std, probe) in saved.get("modules", {}).items():

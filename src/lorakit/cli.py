@@ -175,11 +175,14 @@ def merge(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     max_drift: float = typer.Option(1e-3, help="Largest allowed logit difference vs base+adapter."),
     force: bool = typer.Option(False, help="Write the merged model even if the drift exceeds --max-drift."),
+    quantize: Optional[str] = typer.Option(None, help="nf4 or int8: the adapter was trained on this quantized base; "
+                                                      "merge into its dequantized weights."),
 ) -> None:
     """Merge an adapter into its base and write a model folder AutoModelForCausalLM.from_pretrained loads."""
     from lorakit.export import merge_to_directory
 
-    typer.echo(str(merge_to_directory(model, adapter, out, dtype=dtype, max_drift=max_drift, force=force)))
+    typer.echo(str(merge_to_directory(model, adapter, out, dtype=dtype, max_drift=max_drift, force=force,
+                                      quantize=quantize)))
 
 
 @app.command()
@@ -210,7 +213,7 @@ _TRAIN_OPTIONS = {  # CLI option -> dotted TrainConfig key
     "lr": "optim.lr", "epochs": "optim.epochs", "max_steps": "optim.max_steps", "batch_size": "optim.batch_size",
     "grad_accum": "optim.grad_accum", "r": "lora.r", "alpha": "lora.alpha", "precision": "precision",
     "base_dtype": "base_dtype", "eval_every": "eval_every", "save_every": "save_every", "metric": "metric",
-    "gradient_checkpointing": "gradient_checkpointing", "distributed": "distributed",
+    "gradient_checkpointing": "gradient_checkpointing", "distributed": "distributed", "quantize": "quantize",
 }
 
 
@@ -244,6 +247,7 @@ def train(
     show_example: bool = typer.Option(False, help="Print the tokens of the first example as the model sees them."),
     distributed: Optional[str] = typer.Option(None, help="none, ddp or fsdp: how ranks share work under torchrun."),
     nproc: int = typer.Option(1, help="Processes on this machine; N > 1 runs torchrun for you (ddp by default)."),
+    quantize: Optional[str] = typer.Option(None, help="nf4 or int8: a bitsandbytes-quantized frozen base (QLoRA)."),
 ) -> None:
     """Fine-tune with LoRA from a YAML config plus command-line overrides; resumable (--resume RUN_DIR)."""
     from lorakit import distributed as dist
@@ -253,7 +257,8 @@ def train(
               "model": model, "output_dir": output_dir, "seed": seed, "lr": lr, "epochs": epochs,
               "max_steps": max_steps, "batch_size": batch_size, "grad_accum": grad_accum, "r": r, "alpha": alpha,
               "precision": precision, "base_dtype": base_dtype, "eval_every": eval_every, "save_every": save_every,
-              "metric": metric, "gradient_checkpointing": gradient_checkpointing, "distributed": distributed}
+              "metric": metric, "gradient_checkpointing": gradient_checkpointing, "distributed": distributed,
+              "quantize": quantize}
     overrides = {_TRAIN_OPTIONS[k]: v for k, v in values.items() if v is not None}
     if target_modules is not None:
         overrides["lora.target_modules"] = _parse_targets(target_modules)

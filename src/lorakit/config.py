@@ -13,7 +13,7 @@ from typing import Any
 
 from lorakit.errors import LorakitError
 
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "loftq")
 BIASES = ("none",)
 
 
@@ -37,7 +37,10 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-module alpha overrides, matched like `rank_pattern`."""
     init: str = "kaiming"
-    """Initialisation of A: "kaiming" (uniform, PEFT's default) or "gaussian" (std 1/r). B always starts at zero."""
+    """Initialisation of A: "kaiming" (uniform, PEFT's default) or "gaussian" (std 1/r); B starts at zero. "loftq"
+    (quantized bases) sets A and B from the SVD of the quantization residual: see `lorakit.quantization.loftq_init`."""
+    loftq_config: dict[str, int] = field(default_factory=dict)
+    """With init="loftq": PEFT's {"loftq_bits": 4 or 8, "loftq_iter": N}."""
     use_rslora: bool = False
     """Scale by alpha/√r instead of alpha/r (rank-stabilised LoRA)."""
     modules_to_save: list[str] | None = None
@@ -55,6 +58,11 @@ class LoraConfig:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             problems.append(f"init must be one of {INITS}, got {self.init!r}")
+        for key, value in (self.loftq_config or {}).items():
+            allowed = {"loftq_bits": (4, 8), "loftq_iter": range(1, 101)}
+            if key not in allowed or isinstance(value, bool) or value not in allowed[key]:
+                problems.append(f"loftq_config[{key!r}]={value!r}: allowed keys are loftq_bits (4 or 8) and "
+                                "loftq_iter (1-100)")
         if self.bias not in BIASES:
             problems.append(f"bias must be one of {BIASES}, got {self.bias!r} (lorakit keeps biases frozen)")
         if isinstance(self.target_modules, (list, tuple, set)):
@@ -130,6 +138,7 @@ class LoraConfig:
             "init_lora_weights": True if self.init == "kaiming" else self.init,
             "use_rslora": self.use_rslora,
             "use_dora": False,
+            "loftq_config": dict(self.loftq_config),
             "modules_to_save": self.modules_to_save,
             "bias": self.bias,
             "fan_in_fan_out": fan_in_fan_out,  # True for GPT-2's Conv1D (PEFT's flag for transposed weights)
@@ -147,7 +156,7 @@ class LoraConfig:
             if data.get(key) not in (neutral, None):
                 unsupported.append(f"{key}={data[key]!r}")
         # A saved adapter carries its trained values, so the init only matters for the record.
-        init = "gaussian" if data.get("init_lora_weights") == "gaussian" else "kaiming"
+        init = data.get("init_lora_weights") if data.get("init_lora_weights") in ("gaussian", "loftq") else "kaiming"
         if unsupported:
             raise LorakitError(f"{source} uses PEFT features lorakit does not support: {', '.join(unsupported)}. "
                                "Load it with PEFT, or save it again without them.")
@@ -167,6 +176,7 @@ class LoraConfig:
             alpha_pattern=dict(data.get("alpha_pattern") or {}),
             init=init,
             use_rslora=bool(data.get("use_rslora", False)),
+            loftq_config=dict(data.get("loftq_config") or {}),
             modules_to_save=data.get("modules_to_save"),
         )
 

@@ -38,9 +38,13 @@ class MergeReport:
     delta_lost: float
     """‖round(W + ΔW) − round(W) − ΔW‖ / ‖ΔW‖ over the merged weights: the share of ΔW lost to rounding."""
     forced: bool
+    quantize: str | None = None
+    """The quantized base (nf4 / int8) the adapter was trained on and the reference ran on; its dequantized weights
+    are what the adapter was merged into."""
 
     def __str__(self) -> str:
-        return (f"merged model written to {self.path} ({self.dtype}); max logit difference vs base+adapter: "
+        base = f"{self.quantize} base+adapter" if self.quantize else "base+adapter"
+        return (f"merged model written to {self.path} ({self.dtype}); max logit difference vs {base}: "
                 f"{self.max_logit_diff:.3g} (adapter effect {self.adapter_effect:.3g}; "
                 f"{100 * self.delta_lost:.2f}% of ΔW lost to {self.dtype} rounding)")
 
@@ -70,7 +74,9 @@ def check_mergeable(model: nn.Module) -> None:
         weight = layer.base_layer.weight
         if not weight.is_floating_point():
             raise LorakitError(f"{name} stores its base weight as {weight.dtype} (quantized); merging would corrupt "
-                               "it. Merge into an unquantized copy of the base.")
+                               "it. Merge into an unquantized copy of the base (`lorakit merge --quantize nf4|int8` "
+                               "merges a QLoRA adapter into the dequantized base; in Python: "
+                               "lorakit.quantization.merge_quantized).")
         if len(owners[id(weight)]) > 1:
             raise LorakitError(f"The adapter changes {name}, whose weight is tied to {owners[id(weight)]}; merging "
                                "would change both. Train the adapter without that module, or untie the weights "
@@ -91,24 +97,30 @@ def _delta_lost(model: nn.Module, dtype: torch.dtype) -> float:
 
 
 def merge_to_directory(model: str, adapter: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32",
-                       max_drift: float = 1e-3, force: bool = False, probe_texts=PROBE_TEXTS) -> MergeReport:
+                       max_drift: float = 1e-3, force: bool = False, probe_texts=PROBE_TEXTS,
+                       quantize: str | None = None) -> MergeReport:
     """Load `model` (fp32) with the adapter folder `adapter`, merge, and write a plain model folder `out` in `dtype`.
 
     Refuses (LorakitError, nothing written) when the merged logits drift more than `max_drift` from base+adapter,
-    unless `force`.
+    unless `force`. `quantize` (nf4 / int8): the adapter was trained on that quantized base (QLoRA); the base is
+    quantized the same way, the reference logits come from it, and the adapter is merged into its dequantized weights.
     """
     if dtype not in DTYPES:
         raise LorakitError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-    base, tokenizer = load_model(model, dtype=torch.float32)
+    base, tokenizer = load_model(model, dtype=torch.float32, quantize=quantize)
     load_adapter(base, adapter)
-    check_mergeable(base)
     reference = _probe_logits(base, tokenizer, probe_texts)
+    if quantize is not None:
+        from lorakit.quantization import dequantize_model
+
+        dequantize_model(base)
+    check_mergeable(base)
     with disable_adapters(base):
         effect = _max_diff(_probe_logits(base, tokenizer, probe_texts), reference)
     lost = _delta_lost(base, DTYPES[dtype])
     merged = unload(base).to(DTYPES[dtype])
     drift = _max_diff(_probe_logits(merged, tokenizer, probe_texts), reference)
-    report = MergeReport(str(out), dtype, drift, effect, lost, forced=force and drift > max_drift)
+    report = MergeReport(str(out), dtype, drift, effect, lost, forced=force and drift > max_drift, quantize=quantize)
     if drift > max_drift and not force:
         raise LorakitError(f"Merging into {dtype} is lossy: the merged model's logits differ from base+adapter by up "
                            f"to {drift:.3g} (allowed {max_drift:g}; the adapter itself moves logits by {effect:.3g}, "

@@ -136,8 +136,11 @@ def _require_adapter(model: nn.Module, adapter: str) -> None:
         raise LorakitError(f"No adapter named {adapter!r} on this model; adapters present: {names or 'none'}.")
 
 
-def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = "default") -> nn.Module:
+def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = "default",
+             dtype: torch.dtype | None = None) -> nn.Module:
     """Wrap the layers `config` selects with LoRA, freeze everything but the new adapter, and return `model`.
+
+    The adapter's weights are fp32 (fp64 on a fp64 base) unless `dtype` says otherwise, also on a bf16 or quantized base.
 
     A model may hold several adapters; the first one added becomes active. The config stored on the model is
     resolved (default target modules filled in) and is what `save_adapter` writes.
@@ -163,7 +166,7 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = 
             layer = LoraLinear(module) if _is_linear(module) else LoraEmbedding(module)
             _set_submodule(model, name, layer)
         layer.add_adapter(adapter, config.rank_for(name), config.alpha_for(name), config.dropout, config.init,
-                          config.use_rslora)
+                          config.use_rslora, dtype=dtype)
     for name in _modules_to_save_names(model, config):
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):

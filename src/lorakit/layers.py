@@ -51,8 +51,10 @@ class LoraLinear(nn.Module, _AdapterRouting):
             raise LorakitError(f"LoraLinear wraps nn.Linear or transformers Conv1D, got {type(base_layer).__name__}.")
         self.base_layer = base_layer
         self.fan_in_fan_out = _is_conv1d(base_layer)  # Conv1D stores its weight transposed: (in, out)
-        d0, d1 = base_layer.weight.shape
-        self.in_features, self.out_features = (d0, d1) if self.fan_in_fan_out else (d1, d0)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:  # from the layer, not its weight: a quantized (bitsandbytes) weight is stored packed
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -232,6 +234,11 @@ def merge_layer(layer: LoraLinear | LoraEmbedding, name: str) -> None:
     if name in layer.merged_adapters:
         return
     weight = layer.base_layer.weight
+    if not weight.is_floating_point():
+        raise LorakitError(f"Cannot merge into a quantized base ({type(layer.base_layer).__name__}, {weight.dtype} "
+                           "weights): ΔW would be rounded away. Use lorakit.quantization.merge_quantized(model, ids) "
+                           "(dequantize, merge, save in 16/32-bit; reports the drift), `lorakit merge --quantize` "
+                           "for an adapter folder, or keep the adapter unmerged.")
     weight.data += layer.delta_weight(name).to(weight.dtype)
     layer.merged_adapters.append(name)
 

@@ -83,10 +83,11 @@ def _convert_gguf(gguf_file: Path, target: Path) -> None:
 
 def load_model(name_or_path: str = DEFAULT_MODEL, task: str = "causal-lm", dtype: torch.dtype | str | None = None,
                device: str | torch.device | None = None, num_labels: int | None = None,
-               trust_remote_code: bool = False, attn_implementation: str | None = None):
+               trust_remote_code: bool = False, attn_implementation: str | None = None, quantize: str | None = None):
     """Load (model, tokenizer). `name_or_path` is an embedded name (see EMBEDDED), a local folder or a hub id.
 
-    Remote code from model folders runs only with `trust_remote_code=True`.
+    Remote code from model folders runs only with `trust_remote_code=True`. `quantize` ("nf4" or "int8") replaces
+    the base's linear layers (not the output head) by bitsandbytes ones; see `lorakit.quantization`.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -117,6 +118,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, task: str = "causal-lm", dtype
         tokenizer.pad_token = tokenizer.eos_token
     if device is not None:
         model.to(device)
+    if quantize is not None:
+        from lorakit.quantization import quantize_model
+
+        quantize_model(model, quantize, compute_dtype=dtype or torch.float32)
     return model, tokenizer
 
 

@@ -116,6 +116,8 @@ class TrainConfig:
     """fp32, or bf16 (autocast)."""
     base_dtype: str = "fp32"
     """bf16 casts the frozen base weights once (faster on CPUs with AMX); LoRA weights stay fp32."""
+    quantize: str | None = None
+    """nf4 or int8: the frozen base's linear layers in bitsandbytes 4-/8-bit (QLoRA); LoRA weights stay fp32."""
     gradient_checkpointing: bool = False
     malloc_mmap_threshold_kb: int = 128
     """CPU memory: glibc serves blocks of at least this many KiB with mmap, so freed activations return to the OS
@@ -165,6 +167,13 @@ class TrainConfig:
                 out.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.metric not in METRICS:
             out.append(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.quantize not in (None, "nf4", "int8"):
+            out.append(f"quantize must be nf4, int8 or null, got {self.quantize!r}")
+        if self.lora.init == "loftq" and self.quantize is None:
+            out.append("lora.init=loftq initialises the adapter for a quantized base: also set quantize (nf4 or int8)")
+        bits = self.lora.loftq_config.get("loftq_bits")
+        if self.quantize and bits is not None and bits != {"nf4": 4, "int8": 8}[self.quantize]:
+            out.append(f"lora.loftq_config.loftq_bits={bits} does not match quantize={self.quantize} (nf4: 4, int8: 8)")
         if self.distributed not in DISTRIBUTED:
             out.append(f"distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
         return out + self.data.problems() + self.optim.problems()
@@ -682,6 +691,8 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
             model.config.pad_token_id = tokenizer.pad_token_id
     if config.base_dtype == "bf16":
         cast_base(model, torch.bfloat16)
+    if config.quantize:
+        _quantize_base(model, config)
     from lorakit.fused import fuse_gated_mlp
 
     fuse_gated_mlp(model)  # exact: bit-identical gradients, one activation per MLP fewer kept for backward
@@ -855,6 +866,17 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
     if config.progress and main:
         print(summary_table(summary))
     return TrainResult(run_dir, adapter_dir, best_dir, step, metrics, history, summary, interrupted["flag"])
+
+
+def _quantize_base(model: nn.Module, config: TrainConfig) -> None:
+    """QLoRA: LoftQ-initialise the fresh adapter if asked (it quantizes the adapted layers), then the other layers."""
+    from lorakit.quantization import loftq_init, quantization_of, quantize_model
+
+    compute = torch.bfloat16 if config.base_dtype == "bf16" else torch.float32
+    if config.lora.init == "loftq" and quantization_of(model) is None:
+        loftq_init(model, bits=4 if config.quantize == "nf4" else 8,
+                   iters=config.lora.loftq_config.get("loftq_iter", 1), compute_dtype=compute)
+    quantize_model(model, config.quantize, compute_dtype=compute)
 
 
 def _checkpoint(run_dir: Path, model: nn.Module, engine: nn.Module, optimizer, scheduler, position: dict[str, Any],

@@ -1,0 +1,115 @@
+"""Quantized frozen bases (QLoRA) on SmolLM2-135M: weight memory, training step time and logit drift, fp32 vs NF4 vs
+int8 (bitsandbytes).
+
+Budget (defaults): LoRA r=8 alpha=16 dropout 0 on W_q,W_v (fp32 A/B); one fixed batch of 8 × 128 E2E tokens (every
+token supervised); AdamW; 1 warm-up step then 5 measured steps per base, median reported; 1 torch thread; ~7 minutes.
+The three models are held at once and step in turn (fp32, nf4, int8, fp32, ...) so that load from other processes
+on a shared machine hits them alike.
+Weight memory is the bytes of the base model's parameters and buffers plus bitsandbytes' quantization statistics
+(absmax, codebooks), before LoRA is added. The output head / tied embeddings stay fp32 in every variant. Drift: the
+quantized base's logits vs the fp32 base's on 2 × 64 tokens in eval mode (max and mean |Δ|, and how often the top-1
+token agrees); bitsandbytes' int8 layer also rounds the activations to int8 there (in training mode it does not).
+
+    python benchmarks/quantized.py        # writes benchmarks/results/quantized.json + .md
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from _common import base_parser, budget_line, set_threads, write
+
+import lorakit as lk
+from lorakit.benchmark_data import load_e2e
+from lorakit.quantization import weight_bytes
+
+VARIANTS = (None, "nf4", "int8")
+
+
+def fixed_batch(tokenizer, data_dir: str, batch: int, seq: int) -> dict[str, torch.Tensor]:
+    """E2E pairs packed into `batch` rows of exactly `seq` tokens, every token supervised."""
+    ids: list[int] = []
+    for row in load_e2e("train", data_dir):
+        ids += tokenizer(row["mr"] + " -> " + row["references"][0] + tokenizer.eos_token)["input_ids"]
+        if len(ids) >= batch * seq:
+            break
+    input_ids = torch.tensor(ids[: batch * seq]).view(batch, seq)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
+class Stepper:
+    """One model with LoRA and its optimizer; `step()` times one training step."""
+
+    def __init__(self, model, batch: dict[str, torch.Tensor]):
+        self.model, self.batch = model.train(), batch
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+        self.times: list[float] = []
+        self.losses: list[float] = []
+
+    def step(self, measured: bool) -> None:
+        t0 = time.perf_counter()
+        loss = self.model(**self.batch).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if measured:
+            self.times.append(time.perf_counter() - t0)
+            self.losses.append(round(loss.item(), 4))
+
+
+def main() -> None:
+    parser = base_parser(__doc__)
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per base (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.set_defaults(threads=1)
+    args = parser.parse_args()
+    set_threads(args.threads)
+
+    rows, steppers, reference = {}, {}, None
+    for quantize in VARIANTS:
+        name = quantize or "fp32"
+        t0 = time.perf_counter()
+        model, tokenizer = lk.load_model("smollm2-135m", quantize=quantize)
+        load_s = time.perf_counter() - t0
+        batch = fixed_batch(tokenizer, args.data_dir, args.batch_size, args.seq)
+        probe = batch["input_ids"][:2, :64]
+        with torch.no_grad():
+            logits = model(input_ids=probe).logits
+        row = {"weight_MiB": round(weight_bytes(model) / 2**20, 1), "load_s": round(load_s, 1)}
+        if reference is None:
+            reference = logits
+        else:
+            diff = (logits - reference).abs()
+            row.update(max_logit_drift=round(float(diff.max()), 4), mean_logit_drift=round(float(diff.mean()), 4),
+                       top1_agree_pct=round(100 * float((logits.argmax(-1) == reference.argmax(-1)).float().mean()), 1))
+        lk.add_lora(model, lk.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+        rows[name], steppers[name] = row, Stepper(model, batch)
+    for i in range(args.warmup + args.steps):
+        for name, stepper in steppers.items():
+            stepper.step(measured=i >= args.warmup)
+            print(f"  round {i + 1}: {name} {stepper.times[-1] if stepper.times else 0:.1f} s", flush=True)
+    for name, stepper in steppers.items():
+        rows[name].update(step_s_median=round(statistics.median(stepper.times), 3),
+                          step_s_all=[round(t, 3) for t in stepper.times], losses=stepper.losses)
+        print(f"  [{name}] {rows[name]}", flush=True)
+    for name, row in rows.items():
+        row["weight_vs_fp32"] = round(row["weight_MiB"] / rows["fp32"]["weight_MiB"], 3)
+        row["step_vs_fp32"] = round(row["step_s_median"] / rows["fp32"]["step_s_median"], 2)
+
+    budget = budget_line(model="SmolLM2-135M", lora="r=8 alpha=16 q_proj,v_proj fp32", batch=f"{args.batch_size}×{args.seq}",
+                         warmup_steps=args.warmup, measured_steps=args.steps, threads=args.threads)
+    header = ("# Quantized frozen base (QLoRA): weight memory, training step time, logit drift vs fp32\n\n"
+              f"Budget: {budget}. bitsandbytes NF4 (double-quantized statistics, blocks of 64, fp32 compute) and "
+              "int8 (per-row absmax); the tied embeddings / output head stay fp32. Drift on 2×64 tokens, eval mode "
+              "(int8 activations for the int8 base).")
+    write("quantized", args.out, {"benchmark": "quantized", "budget": budget, "args": vars(args), "results": rows},
+          rows, ["weight_MiB", "weight_vs_fp32", "step_s_median", "step_vs_fp32", "max_logit_drift",
+                 "mean_logit_drift", "top1_agree_pct"], header)
+
+
+if __name__ == "__main__":
+    main()
