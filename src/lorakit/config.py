@@ -13,7 +13,8 @@ from typing import Any
 
 from lorakit.errors import LorakitError
 
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa", "olora")  # plus "pissa_niter_K" (randomized SVD, K iterations)
+BASE_CHANGING_INITS = ("pissa", "olora")
 BIASES = ("none",)
 
 
@@ -37,7 +38,10 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-module alpha overrides, matched like `rank_pattern`."""
     init: str = "kaiming"
-    """Initialisation of A: "kaiming" (uniform, PEFT's default) or "gaussian" (std 1/r). B always starts at zero."""
+    """Initialisation of A: "kaiming" (uniform, PEFT's default) or "gaussian" (std 1/r), with B at zero; or
+    "pissa" / "pissa_niter_K" (top-r SVD of W) / "olora" (QR of W) in B and A, the frozen base keeping W − s·BA."""
+    use_dora: bool = False
+    """DoRA: also train a magnitude per output feature; W' = m · (W + s·BA) / ‖W + s·BA‖ row-wise (linear layers)."""
     use_rslora: bool = False
     """Scale by alpha/√r instead of alpha/r (rank-stabilised LoRA)."""
     modules_to_save: list[str] | None = None
@@ -53,8 +57,10 @@ class LoraConfig:
             problems.append(f"alpha must be a positive number, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
-            problems.append(f"init must be one of {INITS}, got {self.init!r}")
+        if self.init not in INITS and not _is_pissa_niter(self.init):
+            problems.append(f"init must be one of {INITS} or 'pissa_niter_K' (K a positive integer), got {self.init!r}")
+        if not isinstance(self.use_dora, bool):
+            problems.append(f"use_dora must be true or false, got {self.use_dora!r}")
         if self.bias not in BIASES:
             problems.append(f"bias must be one of {BIASES}, got {self.bias!r} (lorakit keeps biases frozen)")
         if isinstance(self.target_modules, (list, tuple, set)):
@@ -93,6 +99,11 @@ class LoraConfig:
             raise LorakitError("Invalid LoraConfig:\n  - " + "\n  - ".join(problems))
 
     # -- per-module values ------------------------------------------------------------------------
+    @property
+    def changes_base(self) -> bool:
+        """True for PiSSA/OLoRA: the adapter only makes sense on the residual base its init leaves behind."""
+        return self.init.startswith(BASE_CHANGING_INITS)
+
     def rank_for(self, module_name: str) -> int:
         return _pattern_value(self.rank_pattern, module_name, self.r)
 
@@ -129,7 +140,7 @@ class LoraConfig:
             "alpha_pattern": dict(self.alpha_pattern),
             "init_lora_weights": True if self.init == "kaiming" else self.init,
             "use_rslora": self.use_rslora,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "modules_to_save": self.modules_to_save,
             "bias": self.bias,
             "fan_in_fan_out": fan_in_fan_out,  # True for GPT-2's Conv1D (PEFT's flag for transposed weights)
@@ -141,13 +152,17 @@ class LoraConfig:
         if data.get("peft_type", "LORA") != "LORA":
             raise LorakitError(f"{source}: peft_type is {data.get('peft_type')!r}; lorakit loads only LORA adapters.")
         unsupported = []
-        for key, neutral in (("use_dora", False), ("bias", "none"), ("layer_replication", None),
+        for key, neutral in (("bias", "none"), ("layer_replication", None),
                              ("lora_bias", False), ("trainable_token_indices", None), ("use_qalora", False),
                              ("alora_invocation_tokens", None), ("megatron_config", None)):
             if data.get(key) not in (neutral, None):
                 unsupported.append(f"{key}={data[key]!r}")
         # A saved adapter carries its trained values, so the init only matters for the record.
-        init = "gaussian" if data.get("init_lora_weights") == "gaussian" else "kaiming"
+        # PiSSA/OLoRA do matter: the adapter was trained on the residual base their init leaves behind.
+        init = data.get("init_lora_weights")
+        if isinstance(init, str) and init.lower() in ("corda", "mica", "lora_ga"):
+            unsupported.append(f"init_lora_weights={init!r}")
+        init = init if init in INITS or _is_pissa_niter(init) else "kaiming"
         if unsupported:
             raise LorakitError(f"{source} uses PEFT features lorakit does not support: {', '.join(unsupported)}. "
                                "Load it with PEFT, or save it again without them.")
@@ -167,8 +182,13 @@ class LoraConfig:
             alpha_pattern=dict(data.get("alpha_pattern") or {}),
             init=init,
             use_rslora=bool(data.get("use_rslora", False)),
+            use_dora=bool(data.get("use_dora") or False),
             modules_to_save=data.get("modules_to_save"),
         )
+
+
+def _is_pissa_niter(init) -> bool:
+    return isinstance(init, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", init) is not None
 
 
 def _pattern_value(pattern: dict, module_name: str, default):
