@@ -293,3 +293,20 @@ def test_variant_config_rules():
     model = lk.add_lora(tiny_llama(), lk.LoraConfig(r=2, init="pissa"))
     with pytest.raises(LorakitError, match="fresh copy"):
         lk.add_lora(model, lk.LoraConfig(r=2), "second")
+
+
+def test_export_merges_dora_pissa_adapter_into_plain_model(tmp_path):
+    from lorakit.export import merge_to_directory
+    from tiny_text import save_tiny_lm
+
+    save_tiny_lm(tmp_path / "base")
+    model, _ = lk.load_model(str(tmp_path / "base"))
+    lk.add_lora(model, lk.LoraConfig(r=4, alpha=8, init="pissa", use_dora=True, target_modules=["q_proj", "v_proj"]))
+    perturb(model)
+    lk.save_adapter(model, tmp_path / "ad")
+    report = merge_to_directory(str(tmp_path / "base"), tmp_path / "ad", tmp_path / "merged")
+    print(f"export DoRA+PiSSA fp32: drift {report.max_logit_diff:.2e}, effect {report.adapter_effect:.2e}, "
+          f"lost {report.delta_lost:.2e}")
+    assert report.max_logit_diff < 1e-5 and report.adapter_effect > 1e-2 and report.delta_lost < 1e-6
+    with pytest.raises(LorakitError, match="DoRA or a PiSSA/OLoRA init"):
+        lk.combine_adapters(model, ["default"], [1.0], "combo")

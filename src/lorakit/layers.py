@@ -184,22 +184,31 @@ class LoraLinear(nn.Module, _AdapterRouting):
         """The adapter's contribution to the base output y (plain LoRA ignores y)."""
         return self.dora_delta(name, x, y) if name in self.lora_magnitude_vector else self.lora_delta(name, x)
 
+    def _dora_target(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, W + ΔW), both (out, in) fp32, from the unmerged base weight."""
+        w, delta = self._weight_oi().float(), self.delta_weight(name)
+        return w, w + (delta.T if self.fan_in_fan_out else delta)
+
+    def merged_delta(self, name: str) -> torch.Tensor:
+        """What merging `name` adds to the (unmerged) base weight, in its layout: ΔW, or for DoRA m/‖W+ΔW‖⊙(W+ΔW) − W."""
+        if name not in self.lora_magnitude_vector:
+            return self.delta_weight(name)
+        w, target = self._dora_target(name)
+        change = (self.lora_magnitude_vector[name].detach().float() / target.norm(dim=1))[:, None] * target - w
+        return change.T if self.fan_in_fan_out else change
+
     def dora_merge(self, name: str) -> None:
         """W ← m/‖W+ΔW‖ ⊙ (W + ΔW) per output row; the norm is kept so unmerge divides it back out exactly."""
+        change = self.merged_delta(name)
+        self.merge_norms[name] = self._dora_target(name)[1].norm(dim=1)  # (out,)
         weight = self.base_layer.weight
-        w, delta = self._weight_oi().float(), self.delta_weight(name)
-        delta = delta.T if self.fan_in_fan_out else delta  # (out, in)
-        norm = torch.linalg.norm(w + delta, dim=1)  # (out,)
-        self.merge_norms[name] = norm
-        merged = (self.lora_magnitude_vector[name].detach().float() / norm)[:, None] * (w + delta)
-        weight.data.copy_(merged.T if self.fan_in_fan_out else merged)
+        weight.data += change.to(weight.dtype)
 
     def dora_unmerged_weight(self, name: str) -> torch.Tensor:
         """The base weight (its own layout, fp32) before `dora_merge(name)`: W'/(m/‖W+ΔW‖) − ΔW."""
         w, delta = self._weight_oi().float(), self.delta_weight(name)
-        delta = delta.T if self.fan_in_fan_out else delta
         factor = self.lora_magnitude_vector[name].detach().float() / self.merge_norms[name]
-        plain = w / factor[:, None] - delta
+        plain = w / factor[:, None] - (delta.T if self.fan_in_fan_out else delta)
         return plain.T if self.fan_in_fan_out else plain
 
     def dora_unmerge(self, name: str) -> None:
