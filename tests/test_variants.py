@@ -310,3 +310,16 @@ def test_export_merges_dora_pissa_adapter_into_plain_model(tmp_path):
     assert report.max_logit_diff < 1e-5 and report.adapter_effect > 1e-2 and report.delta_lost < 1e-6
     with pytest.raises(LorakitError, match="DoRA or a PiSSA/OLoRA init"):
         lk.combine_adapters(model, ["default"], [1.0], "combo")
+
+
+def test_pissa_niter_reload_finds_the_same_residual(ids, tmp_path):
+    model = tiny_llama()
+    torch.manual_seed(1)
+    lk.add_lora(model, lk.LoraConfig(r=4, alpha=8, init="pissa_niter_2", target_modules=["q_proj", "v_proj"]))
+    perturb(model)
+    lk.save_adapter(model, tmp_path / "ad")
+    torch.manual_seed(2)  # another global random state: the residual must not depend on it
+    again = lk.load_adapter(tiny_llama(), tmp_path / "ad")
+    assert torch.equal(again.model.layers[0].self_attn.q_proj.base_layer.weight,
+                       model.model.layers[0].self_attn.q_proj.base_layer.weight)
+    assert (logits(again, ids) - logits(model, ids)).abs().max() < 1e-6

@@ -111,8 +111,10 @@ class LoraLinear(nn.Module, _AdapterRouting):
             if init == "pissa":
                 U, S, Vh = torch.linalg.svd(w, full_matrices=False)
                 U, S, Vh = U[:, :r], S[:r], Vh[:r]
-            else:  # pissa_niter_K: randomized SVD with K subspace iterations
-                U, S, V = torch.svd_lowrank(w, r, niter=int(init.split("_niter_")[1]))
+            else:  # pissa_niter_K: randomized SVD with K subspace iterations, seeded so a reload finds the same residual
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    U, S, V = torch.svd_lowrank(w, r, niter=int(init.split("_niter_")[1]))
                 Vh = V.T
             S = S / scale
             A, B = torch.diag(S.sqrt()) @ Vh, U @ torch.diag(S.sqrt())  # (r, in), (out, r)
