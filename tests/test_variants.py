@@ -323,3 +323,20 @@ def test_pissa_niter_reload_finds_the_same_residual(ids, tmp_path):
     assert torch.equal(again.model.layers[0].self_attn.q_proj.base_layer.weight,
                        model.model.layers[0].self_attn.q_proj.base_layer.weight)
     assert (logits(again, ids) - logits(model, ids)).abs().max() < 1e-6
+
+
+def test_dora_on_low_precision_and_quantized_bases():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6).to(torch.bfloat16)
+    layer = LoraLinear(base)
+    layer.add_adapter("a", r=2, alpha=2, use_dora=True)
+    layer.active_adapter = "a"
+    assert layer.lora_magnitude_vector["a"].dtype == torch.float32
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, base(x))  # exact at init, in the base's dtype
+    int_base = nn.Linear(8, 6)
+    int_base.weight = nn.Parameter(torch.zeros(6, 8, dtype=torch.uint8), requires_grad=False)  # a packed weight
+    for kwargs in ({"use_dora": True}, {"init": "pissa"}):
+        with pytest.raises(LorakitError, match="quantized"):
+            LoraLinear(int_base).add_adapter("a", r=2, alpha=2, **kwargs)

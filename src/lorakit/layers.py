@@ -71,6 +71,9 @@ class LoraLinear(nn.Module, _AdapterRouting):
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
                     use_rslora: bool = False, dtype: torch.dtype | None = None, use_dora: bool = False) -> None:
         weight = self.base_layer.weight
+        if (use_dora or init.startswith(("pissa", "olora"))) and not weight.is_floating_point():
+            raise LorakitError(f"use_dora and init={init!r} read the base weight, which is stored as {weight.dtype} "
+                               "(quantized) here; add this adapter on the unquantized base.")
         # LoRA weights stay in fp32 by default even on a low-precision base: tiny updates survive there.
         dtype = dtype or (weight.dtype if weight.dtype == torch.float64 else torch.float32)
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
@@ -99,9 +102,6 @@ class LoraLinear(nn.Module, _AdapterRouting):
     def _init_from_base(self, name: str, init: str) -> None:
         """PiSSA (SVD: B A = s⁻¹·top-r of W, split by √S) or OLoRA (QR: B = Q_r, A = R_r), as PEFT computes them."""
         weight = self.base_layer.weight
-        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise LorakitError(f"init={init!r} needs a floating-point base weight, got {weight.dtype}; initialise on "
-                               "the unquantized base.")
         r, scale = self.r[name], self.scaling[name]
         w = self._weight_oi().float()  # (out, in)
         if init == "olora":
