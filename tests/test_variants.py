@@ -187,7 +187,13 @@ def test_base_changing_inits_are_exact_at_init_and_give_the_base_back(arch, init
         U, S, Vh = torch.linalg.svd(W)
         assert (U[:, :4] @ torch.diag(S[:4]) @ Vh[:4] - (top.T if layer.fan_in_fan_out else top)).abs().max() < 1e-5
     perturb(model)
-    assert (logits(model, ids) - before).abs().max() > 1e-2
+    adapted = logits(model, ids)
+    assert (adapted - before).abs().max() > 1e-2
+    with lk.disable_adapters(model):  # the original base, not the residual
+        assert (logits(model, ids) - before).abs().max() < 1e-5
+    with lk.adapters_per_row(model, ["default", None, "default"]):
+        mixed = logits(model, ids)
+    assert (mixed[[0, 2]] - adapted[[0, 2]]).abs().max() < 1e-5 and (mixed[1] - before[1]).abs().max() < 1e-5
     lk.unload(model, merge_adapter=False)  # the residual never leaks out as "the base"
     assert max((p - original[n]).abs().max().item() for n, p in model.named_parameters()) < 1e-5
 

@@ -217,6 +217,18 @@ class LoraLinear(nn.Module, _AdapterRouting):
         self.base_layer.weight.data.copy_(self.dora_unmerged_weight(name))
         del self.merge_norms[name]
 
+    def _original_base(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y from the residual base plus what PiSSA/OLoRA took out of it (s·B0A0 x), for rows not on that adapter:
+        disabled adapters and `None` rows see the original base, not the residual."""
+        for name, (A0, B0) in self.init_factors.items():
+            share = (x.to(A0.dtype) @ A0.T @ B0.T) * self.scaling[name]  # (..., out)
+            if self.row_groups is not None and name in self.row_groups:
+                keep = torch.ones(x.shape[0], 1, dtype=share.dtype, device=share.device)  # (batch, 1)
+                keep[self.row_groups[name]] = 0
+                share = share * keep.view(-1, *[1] * (share.dim() - 1))
+            y = y + share.to(y.dtype)
+        return y
+
     def initial_delta(self, name: str) -> torch.Tensor | None:
         """s·B0 A0 in the base weight's layout: what a PiSSA/OLoRA init took out of the base (None for other inits)."""
         if name not in self.init_factors:
@@ -228,12 +240,12 @@ class LoraLinear(nn.Module, _AdapterRouting):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)  # (..., out)
         if self.disabled:
-            return y
+            return self._original_base(x, y)
         if self.row_groups is not None:
             self._check_rows(x.shape[0])
             for name, rows in self.row_groups.items():
                 y = y.index_add(0, rows, self.adapter_delta(name, x[rows], y[rows]).to(y.dtype))
-            return y
+            return self._original_base(x, y)
         name = self.active_adapter
         if name is None or name in self.merged_adapters:
             return y
