@@ -93,6 +93,9 @@ def main() -> None:
     parser.add_argument("--variants", default="lora,dora,pissa",
                         help=f"comma-separated, from {list(VARIANTS)}")
     parser.add_argument("--lr", type=float, default=1e-3, help="one learning rate for every variant")
+    parser.add_argument("--combine", nargs="+", metavar="RESULTS_JSON",
+                        help="write one table from the rows of earlier variants.json files (e.g. variants run as "
+                             "parallel processes with --out elsewhere) instead of running anything")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
     parser.add_argument("--row-file", help=argparse.SUPPRESS)  # internal: where that run writes its row (JSON)
     args = parser.parse_args()
@@ -100,6 +103,15 @@ def main() -> None:
     if args.one:
         row = run_one(args, args.one)
         Path(args.row_file).write_text(json.dumps(row))
+        return
+
+    if args.combine:
+        reports = [json.loads(Path(f).read_text()) for f in args.combine]
+        rows = {name: row for r in reports for name, row in r["results"].items()}
+        budgets = {r["budget"] for r in reports}
+        if len(budgets) != 1:
+            parser.error(f"the files were run with different budgets: {sorted(budgets)}")
+        _write(args, budgets.pop(), rows, note=f" Variants run as {len(reports)} parallel processes.")
         return
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -118,15 +130,17 @@ def main() -> None:
                 print(f"  [{variant}] failed (exit {done.returncode}); not in the table", flush=True)
                 continue
             rows[variant] = json.loads(row_file.read_text())
-        C.write(  # after every variant, so a stopped run keeps what it measured
-            "variants", args.out, {"benchmark": "variants", "budget": budget, "args": vars(args), "results": rows},
+        _write(args, budget, rows)  # after every variant, so a stopped run keeps what it measured
+
+
+def _write(args, budget: str, rows: dict, note: str = "") -> None:
+    C.write("variants", args.out, {"benchmark": "variants", "budget": budget, "args": vars(args), "results": rows},
             rows, COLUMNS,
             "# LoRA variants on E2E NLG, SmolLM2-135M-Instruct (dev subset)\n\n"
-            f"Budget: {budget}. r=4, alpha 32 on q_proj, v_proj for every variant.\nBLEU, METEOR, ROUGE-L ×100; "
-            "NIST, CIDEr raw. median_step_s: median optimizer step (forward, backward, AdamW) in seconds; "
+            f"Budget: {budget}. r=4, alpha 32 on q_proj, v_proj for every variant.{note}\nBLEU, METEOR, ROUGE-L "
+            "×100; NIST, CIDEr raw. median_step_s: median optimizer step (forward, backward, AdamW) in seconds; "
             "peak_rss_train_mb: peak RSS up to the last training step; peak_rss_mb: including decoding.")
-        C.plot_metric_bars(rows, ["bleu", "rouge_l", "meteor"], f"{args.out}/variants.png",
-                           "E2E dev subset: LoRA variants")
+    C.plot_metric_bars(rows, ["bleu", "rouge_l", "meteor"], f"{args.out}/variants.png", "E2E dev subset: LoRA variants")
 
 
 if __name__ == "__main__":
