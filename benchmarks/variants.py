@@ -111,7 +111,8 @@ def main() -> None:
         budgets = {r["budget"] for r in reports}
         if len(budgets) != 1:
             parser.error(f"the files were run with different budgets: {sorted(budgets)}")
-        _write(args, budgets.pop(), rows, note=f" Variants run as {len(reports)} parallel processes.")
+        _write(args, budgets.pop(), rows, note=f" Combined from {len(reports)} separate runs (--combine), which may "
+               "have overlapped in time.")
         return
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
