@@ -160,9 +160,9 @@ def test_bad_folders_and_configs(tmp_path):
     (tmp_path / "ad" / CONFIG_FILE).write_text("{broken")
     with pytest.raises(LorakitError, match="not valid JSON"):
         lk.load_adapter(tiny_llama(), tmp_path / "ad")
-    (tmp_path / "ad" / CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA", "use_dora": True, "r": 4}))
+    (tmp_path / "ad" / CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA", "lora_bias": True, "r": 4}))
     (tmp_path / "ad" / META_FILE).unlink()
-    with pytest.raises(LorakitError, match="use_dora=True"):
+    with pytest.raises(LorakitError, match="lora_bias=True"):
         lk.load_adapter(tiny_llama(), tmp_path / "ad")
     (tmp_path / "ad" / CONFIG_FILE).write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(LorakitError, match="only LORA"):

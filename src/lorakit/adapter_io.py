@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,22 +58,25 @@ def _base_name(model: nn.Module) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------- fingerprint
-def _unmerged_weight(layer) -> torch.Tensor:
+def _unmerged_weight(layer, original_of: str | None = None) -> torch.Tensor:
+    """The base weight without merged adapters; with `original_of`, also with that adapter's PiSSA/OLoRA part back."""
     weight = layer.base_layer.weight.detach()
     if not weight.is_floating_point():  # a quantized base: fingerprint the weights it computes with
         from lorakit.quantization import dequantize_weight
 
         weight = dequantize_weight(layer.base_layer)
     for name in layer.merged_adapters:
-        weight = weight.float() - layer.delta_weight(name)
-    return weight
+        weight = (layer.dora_unmerged_weight(name) if name in getattr(layer, "lora_magnitude_vector", {})
+                  else weight.float() - layer.delta_weight(name))
+    initial = layer.initial_delta(original_of) if original_of and hasattr(layer, "initial_delta") else None
+    return (weight if initial is None else weight.float() + initial).detach()
 
 
-def base_fingerprint(model: nn.Module, adapter: str) -> dict[str, Any]:
+def base_fingerprint(model: nn.Module, adapter: str, original: bool = False) -> dict[str, Any]:
     """Per adapted module: shape, mean, std and a fixed random probe of the base weight, plus an exact digest.
 
     The statistics survive a change of dtype (a bf16 copy of the same base matches); the digest tells an identical
-    base from a merely equivalent one.
+    base from a merely equivalent one. `original=True` fingerprints the base a PiSSA/OLoRA init started from.
     """
     digest = hashlib.sha256()
     modules = {}
@@ -80,7 +84,7 @@ def base_fingerprint(model: nn.Module, adapter: str) -> dict[str, Any]:
     for name, layer in lora_layers(model):
         if not isinstance(layer, LORA_LAYERS) or adapter not in layer.adapters:
             continue
-        w = _unmerged_weight(layer)
+        w = _unmerged_weight(layer, adapter if original else None)
         if not layer.base_layer.weight.is_floating_point():
             from lorakit.quantization import quantization_method
 
@@ -129,10 +133,13 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], strict: bo
 
 # ---------------------------------------------------------------------------------------------------- save
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None,
-                 extra: dict[str, Any] | None = None) -> Path:
+                 extra: dict[str, Any] | None = None, convert_to_lora: bool = False) -> Path:
     """Write the adapter to the directory `path` atomically; returns the path.
 
     `extra` (e.g. the training config) is stored in `lorakit.json` so the run can be rebuilt from the folder alone.
+    A PiSSA/OLoRA adapter is saved as PEFT saves it: its init is recorded, and loading re-derives the residual base
+    from the original one (the fingerprint checks it). `convert_to_lora=True` instead writes a plain LoRA of rank 2r
+    for the ORIGINAL base (PEFT's `path_initial_model_for_weight_conversion`): ΔW = s·(BA − B0A0) = s·[B | −B0][A; A0].
     """
     from safetensors.torch import save_file
 
@@ -144,13 +151,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     _require_adapter(model, adapter)
     config: LoraConfig = model.lora_configs[adapter]
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter).items()}
+    if convert_to_lora:
+        config, state = _as_plain_lora(model, adapter, config, state)
     meta = {
         "lorakit_version": __version__,
         "adapter": adapter,
         "base_model": _base_name(model),
         "base_model_class": type(model).__name__,
         "config": config.to_dict(),
-        "base_fingerprint": base_fingerprint(model, adapter),
+        "base_fingerprint": base_fingerprint(model, adapter, original=convert_to_lora),
         "extra": extra or {},
     }
     path = Path(path)
@@ -160,6 +169,29 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
         write_json(tmp / CONFIG_FILE, config.to_peft_dict(_base_name(model), _task_type(model), fan_in_fan_out))
         write_json(tmp / META_FILE, meta)
     return path
+
+
+def _as_plain_lora(model: nn.Module, adapter: str, config: LoraConfig,
+                   state: dict[str, torch.Tensor]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """A PiSSA/OLoRA adapter as a rank-2r plain LoRA on the original base: A' = [A; A0], B' = [B, −B0], same scale."""
+    if not config.changes_base:
+        raise LorakitError(f"convert_to_lora applies to PiSSA/OLoRA adapters; {adapter!r} has init={config.init!r} "
+                           "and already fits the original base. Save it without convert_to_lora.")
+    if config.use_dora:
+        raise LorakitError(f"{adapter!r} uses DoRA, whose magnitude depends on the base weight, so it has no exact "
+                           "plain-LoRA form on the original base. Save it as is (PEFT and lorakit re-derive the base).")
+    state = dict(state)
+    for name, layer in lora_layers(model):
+        if adapter in getattr(layer, "init_factors", {}):
+            A0, B0 = layer.init_factors[adapter]
+            key = f"{PREFIX}{name}."
+            state[key + "lora_A.weight"] = torch.cat([state[key + "lora_A.weight"], A0.cpu()], dim=0)  # (2r, in)
+            state[key + "lora_B.weight"] = torch.cat([state[key + "lora_B.weight"], -B0.cpu()], dim=1)  # (out, 2r)
+    grow = 2 ** 0.5 if config.use_rslora else 2  # alpha/r (or alpha/√r) unchanged at rank 2r
+    config = replace(config, r=2 * config.r, alpha=grow * config.alpha, init="kaiming",
+                     rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+                     alpha_pattern={k: grow * v for k, v in config.alpha_pattern.items()})
+    return config, state
 
 
 # ---------------------------------------------------------------------------------------------------- load

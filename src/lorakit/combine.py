@@ -45,6 +45,12 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
         raise LorakitError("combine_adapters combines LoRA updates only; adapters with modules_to_save "
                            f"({[a for a in adapters if model.lora_configs[a].modules_to_save]}) cannot be combined.")
 
+    variants = [a for a in adapters if model.lora_configs[a].use_dora or model.lora_configs[a].changes_base]
+    if variants:
+        raise LorakitError(f"combine_adapters combines plain LoRA updates; {variants} use DoRA or a PiSSA/OLoRA init, "
+                           "whose update depends on the base weight. Save PiSSA/OLoRA ones with convert_to_lora=True "
+                           "and load those instead; DoRA adapters cannot be combined.")
+
     plan = {}  # module name -> (layer, [(adapter, weight) present there])
     for name, layer in lora_layers(model):
         if isinstance(layer, LORA_LAYERS):

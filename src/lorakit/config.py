@@ -13,7 +13,8 @@ from typing import Any
 
 from lorakit.errors import LorakitError
 
-INITS = ("kaiming", "gaussian", "loftq")
+INITS = ("kaiming", "gaussian", "loftq", "pissa", "olora")  # plus "pissa_niter_K" (randomized SVD, K iterations)
+BASE_CHANGING_INITS = ("pissa", "olora")
 BIASES = ("none",)
 
 
@@ -37,10 +38,13 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-module alpha overrides, matched like `rank_pattern`."""
     init: str = "kaiming"
-    """Initialisation of A: "kaiming" (uniform, PEFT's default) or "gaussian" (std 1/r); B starts at zero. "loftq"
-    (quantized bases) sets A and B from the SVD of the quantization residual: see `lorakit.quantization.loftq_init`."""
+    """Initialisation of A: "kaiming" (uniform, PEFT's default) or "gaussian" (std 1/r), with B at zero; or
+    "pissa" / "pissa_niter_K" (top-r SVD of W) / "olora" (QR of W) in B and A, the frozen base keeping W − s·BA; or
+    "loftq" (quantized bases): A and B from the SVD of the quantization residual, see `lorakit.quantization.loftq_init`."""
     loftq_config: dict[str, int] = field(default_factory=dict)
     """With init="loftq": PEFT's {"loftq_bits": 4 or 8, "loftq_iter": N}."""
+    use_dora: bool = False
+    """DoRA: also train a magnitude per output feature; W' = m · (W + s·BA) / ‖W + s·BA‖ row-wise (linear layers)."""
     use_rslora: bool = False
     """Scale by alpha/√r instead of alpha/r (rank-stabilised LoRA)."""
     modules_to_save: list[str] | None = None
@@ -56,13 +60,15 @@ class LoraConfig:
             problems.append(f"alpha must be a positive number, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
-            problems.append(f"init must be one of {INITS}, got {self.init!r}")
+        if self.init not in INITS and not _is_pissa_niter(self.init):
+            problems.append(f"init must be one of {INITS} or 'pissa_niter_K' (K a positive integer), got {self.init!r}")
         for key, value in (self.loftq_config or {}).items():
             allowed = {"loftq_bits": (4, 8), "loftq_iter": range(1, 101)}
             if key not in allowed or isinstance(value, bool) or value not in allowed[key]:
                 problems.append(f"loftq_config[{key!r}]={value!r}: allowed keys are loftq_bits (4 or 8) and "
                                 "loftq_iter (1-100)")
+        if not isinstance(self.use_dora, bool):
+            problems.append(f"use_dora must be true or false, got {self.use_dora!r}")
         if self.bias not in BIASES:
             problems.append(f"bias must be one of {BIASES}, got {self.bias!r} (lorakit keeps biases frozen)")
         if isinstance(self.target_modules, (list, tuple, set)):
@@ -101,6 +107,11 @@ class LoraConfig:
             raise LorakitError("Invalid LoraConfig:\n  - " + "\n  - ".join(problems))
 
     # -- per-module values ------------------------------------------------------------------------
+    @property
+    def changes_base(self) -> bool:
+        """True for PiSSA/OLoRA: the adapter only makes sense on the residual base its init leaves behind."""
+        return self.init.startswith(BASE_CHANGING_INITS)
+
     def rank_for(self, module_name: str) -> int:
         return _pattern_value(self.rank_pattern, module_name, self.r)
 
@@ -137,7 +148,7 @@ class LoraConfig:
             "alpha_pattern": dict(self.alpha_pattern),
             "init_lora_weights": True if self.init == "kaiming" else self.init,
             "use_rslora": self.use_rslora,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "loftq_config": dict(self.loftq_config),
             "modules_to_save": self.modules_to_save,
             "bias": self.bias,
@@ -150,13 +161,17 @@ class LoraConfig:
         if data.get("peft_type", "LORA") != "LORA":
             raise LorakitError(f"{source}: peft_type is {data.get('peft_type')!r}; lorakit loads only LORA adapters.")
         unsupported = []
-        for key, neutral in (("use_dora", False), ("bias", "none"), ("layer_replication", None),
+        for key, neutral in (("bias", "none"), ("layer_replication", None),
                              ("lora_bias", False), ("trainable_token_indices", None), ("use_qalora", False),
                              ("alora_invocation_tokens", None), ("megatron_config", None)):
             if data.get(key) not in (neutral, None):
                 unsupported.append(f"{key}={data[key]!r}")
         # A saved adapter carries its trained values, so the init only matters for the record.
-        init = data.get("init_lora_weights") if data.get("init_lora_weights") in ("gaussian", "loftq") else "kaiming"
+        # PiSSA/OLoRA/LoftQ do matter: the adapter was trained on the base their init leaves behind.
+        init = data.get("init_lora_weights")
+        if isinstance(init, str) and init.lower() in ("corda", "mica", "lora_ga"):
+            unsupported.append(f"init_lora_weights={init!r}")
+        init = init if init in INITS or _is_pissa_niter(init) else "kaiming"
         if unsupported:
             raise LorakitError(f"{source} uses PEFT features lorakit does not support: {', '.join(unsupported)}. "
                                "Load it with PEFT, or save it again without them.")
@@ -177,8 +192,13 @@ class LoraConfig:
             init=init,
             use_rslora=bool(data.get("use_rslora", False)),
             loftq_config=dict(data.get("loftq_config") or {}),
+            use_dora=bool(data.get("use_dora") or False),
             modules_to_save=data.get("modules_to_save"),
         )
+
+
+def _is_pissa_niter(init) -> bool:
+    return isinstance(init, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", init) is not None
 
 
 def _pattern_value(pattern: dict, module_name: str, default):

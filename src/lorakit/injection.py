@@ -156,6 +156,7 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = 
     if config.target_modules is None:
         config = replace(config, target_modules=default_targets(model))
     targets = find_targets(model, config)
+    _check_variant_fits(config, configs, targets)
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -165,8 +166,9 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = 
         else:
             layer = LoraLinear(module) if _is_linear(module) else LoraEmbedding(module)
             _set_submodule(model, name, layer)
+        variant = {"use_dora": True} if config.use_dora else {}
         layer.add_adapter(adapter, config.rank_for(name), config.alpha_for(name), config.dropout, config.init,
-                          config.use_rslora, dtype=dtype)
+                          config.use_rslora, dtype=dtype, **variant)
     for name in _modules_to_save_names(model, config):
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
@@ -179,6 +181,19 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = 
     set_adapter(model, active_adapter(model) or adapter)  # also routes the newly wrapped layers
     _mark_trainable(model, adapter)
     return model
+
+
+def _check_variant_fits(config: LoraConfig, configs: dict[str, LoraConfig], targets) -> None:
+    """DoRA and PiSSA/OLoRA are for linear layers; a PiSSA/OLoRA base (the residual) cannot be shared with others."""
+    embeddings = [n for n, m in targets if isinstance(m, (nn.Embedding, LoraEmbedding))]
+    if embeddings and (config.use_dora or config.changes_base):
+        raise LorakitError(f"use_dora and init={config.init!r} apply to linear layers only, but target_modules "
+                           f"selects embedding(s) {embeddings[:3]}; drop them from target_modules or use plain LoRA.")
+    changed = [n for n, c in configs.items() if c.changes_base]
+    if configs and (config.changes_base or changed):
+        raise LorakitError(f"init={(config if config.changes_base else configs[changed[0]]).init!r} replaces the frozen "
+                           f"base by a residual, which other adapters cannot share; this model already has adapter(s) "
+                           f"{sorted(configs)}. Use a fresh copy of the base model for it.")
 
 
 def _modules_to_save_names(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -327,6 +342,9 @@ def unload(model: nn.Module, merge_adapter: bool = True) -> nn.Module:
         unmerge(model)
     for name, layer in list(lora_layers(model)):
         if isinstance(layer, LORA_LAYERS):
+            if not merge_adapter:  # removing adapters gives PiSSA/OLoRA's share back to the base
+                for adapter_name in layer.adapters:
+                    layer.remove_adapter(adapter_name)
             _set_submodule(model, name, layer.base_layer)
         else:
             keep = layer.modules_to_save[adapter] if (merge_adapter and adapter in layer.adapters) else layer.original_module

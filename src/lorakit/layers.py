@@ -43,7 +43,12 @@ class _AdapterRouting:
 
 
 class LoraLinear(nn.Module, _AdapterRouting):
-    """y = base(x) + (alpha/r) · B(A(dropout(x))) for a frozen `nn.Linear` or GPT-2 `Conv1D`."""
+    """y = base(x) + (alpha/r) · B(A(dropout(x))) for a frozen `nn.Linear` or GPT-2 `Conv1D`.
+
+    DoRA adapters (`use_dora=True`) add a magnitude vector m (one entry per output feature) and compute
+    y = m / ‖W + s·BA‖ ⊙ (W + s·BA) x + bias, with the row norm detached from the graph as in the paper (§4.3) and PEFT.
+    PiSSA and OLoRA inits put the top of W into B, A and replace the frozen W by the residual W − s·BA.
+    """
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -58,13 +63,19 @@ class LoraLinear(nn.Module, _AdapterRouting):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: (out,)
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
+        self.init_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA: (A0, B0) taken out of W
+        self.merge_norms: dict[str, torch.Tensor] = {}  # DoRA: ‖W + ΔW‖ rows at merge time, for an exact unmerge
         self._init_routing()
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
-                    use_rslora: bool = False, dtype: torch.dtype | None = None) -> None:
+                    use_rslora: bool = False, dtype: torch.dtype | None = None, use_dora: bool = False) -> None:
         weight = self.base_layer.weight
+        if (use_dora or init.startswith(("pissa", "olora"))) and not weight.is_floating_point():
+            raise LorakitError(f"use_dora and init={init!r} read the base weight, which is stored as {weight.dtype} "
+                               "(quantized) here; add this adapter on the unquantized base.")
         # LoRA weights stay in fp32 by default even on a low-precision base: tiny updates survive there.
         dtype = dtype or (weight.dtype if weight.dtype == torch.float64 else torch.float32)
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
@@ -72,15 +83,60 @@ class LoraLinear(nn.Module, _AdapterRouting):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r[name] = r
         self.scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A[name].weight, std=1 / r)
+        if init.startswith("pissa") or init == "olora":
+            self._init_from_base(name, init)  # B A = the top of W; the base keeps the residual
         else:
-            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)  # ΔW = 0: a fresh adapter reproduces the base exactly
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A[name].weight, std=1 / r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[name].weight)  # ΔW = 0: a fresh adapter reproduces the base exactly
+        if use_dora:  # m = ‖W + s·BA‖ per output row, so the adapter starts exact
+            with torch.no_grad():
+                norm = self._dora_norm(name, self._weight_oi().to(dtype))
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(dtype))
+
+    def _weight_oi(self) -> torch.Tensor:
+        """The base weight as (out, in), detached."""
+        weight = self.base_layer.weight.detach()
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _init_from_base(self, name: str, init: str) -> None:
+        """PiSSA (SVD: B A = s⁻¹·top-r of W, split by √S) or OLoRA (QR: B = Q_r, A = R_r), as PEFT computes them."""
+        weight = self.base_layer.weight
+        r, scale = self.r[name], self.scaling[name]
+        w = self._weight_oi().float()  # (out, in)
+        if init == "olora":
+            Q, R = torch.linalg.qr(w)
+            A, B = R[:r].contiguous(), Q[:, :r].contiguous()  # (r, in), (out, r)
+        else:
+            if init == "pissa":
+                U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+                U, S, Vh = U[:, :r], S[:r], Vh[:r]
+            else:  # pissa_niter_K: randomized SVD with K subspace iterations, seeded so a reload finds the same residual
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    U, S, V = torch.svd_lowrank(w, r, niter=int(init.split("_niter_")[1]))
+                Vh = V.T
+            S = S / scale
+            A, B = torch.diag(S.sqrt()) @ Vh, U @ torch.diag(S.sqrt())  # (r, in), (out, r)
+        lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+        with torch.no_grad():
+            lora_A.copy_(A)
+            lora_B.copy_(B)
+            residual = w - scale * (lora_B.float() @ lora_A.float())
+            weight.copy_(residual.T if self.fan_in_fan_out else residual)
+        self.init_factors[name] = (lora_A.detach().clone(), lora_B.detach().clone())
 
     def remove_adapter(self, name: str) -> None:
+        if name in self.init_factors:  # give the base back the part PiSSA/OLoRA took out of it
+            with torch.no_grad():
+                self.base_layer.weight += self.initial_delta(name).to(self.base_layer.weight.dtype)
+            del self.init_factors[name]
         for store in (self.lora_A, self.lora_B, self.lora_dropout):
             del store[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         del self.r[name], self.scaling[name]
 
     @property
@@ -89,7 +145,10 @@ class LoraLinear(nn.Module, _AdapterRouting):
 
     def adapter_state(self, name: str) -> dict[str, nn.Parameter]:
         """This adapter's tensors under PEFT's local key names."""
-        return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        state = {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
+        if name in self.lora_magnitude_vector:
+            state["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return state
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """ΔW in the base weight's layout ((out, in), or (in, out) for Conv1D), computed in fp32."""
@@ -102,18 +161,98 @@ class LoraLinear(nn.Module, _AdapterRouting):
         x = x.to(A.weight.dtype)
         return self.lora_B[name](A(self.lora_dropout[name](x))) * self.scaling[name]  # (..., out)
 
+    def _dora_norm(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """‖W + s·BA‖ over each output row (out,), from a (out, in) weight; no gradient flows through it."""
+        lora_weight = (self.lora_B[name].weight @ self.lora_A[name].weight).detach()  # (out, in)
+        return torch.linalg.norm(weight + self.scaling[name] * lora_weight, dim=1).detach()
+
+    def dora_delta(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """What a DoRA adapter adds to the base output y = W x + b: (m/‖W+s·BA‖ − 1) W x + m/‖W+s·BA‖ · s·B A x.
+
+        As in PEFT: without dropout (or in eval) W x is taken from y; with dropout it is recomputed on the dropped x.
+        """
+        A, B = self.lora_A[name], self.lora_B[name]
+        x = x.to(A.weight.dtype)
+        weight = self._weight_oi().to(x.dtype)  # (out, in)
+        factor = self.lora_magnitude_vector[name] / self._dora_norm(name, weight)  # (out,)
+        dropout = self.lora_dropout[name]
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base = (y if bias is None else y - bias).to(x.dtype)  # (..., out)
+        else:
+            x = dropout(x)
+            base = F.linear(x, weight)
+        return (factor - 1) * base + factor * B(A(x)) * self.scaling[name]  # (..., out)
+
+    def adapter_delta(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution to the base output y (plain LoRA ignores y)."""
+        return self.dora_delta(name, x, y) if name in self.lora_magnitude_vector else self.lora_delta(name, x)
+
+    def _dora_target(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, W + ΔW), both (out, in) fp32, from the unmerged base weight."""
+        w, delta = self._weight_oi().float(), self.delta_weight(name)
+        return w, w + (delta.T if self.fan_in_fan_out else delta)
+
+    def merged_delta(self, name: str) -> torch.Tensor:
+        """What merging `name` adds to the (unmerged) base weight, in its layout: ΔW, or for DoRA m/‖W+ΔW‖⊙(W+ΔW) − W."""
+        if name not in self.lora_magnitude_vector:
+            return self.delta_weight(name)
+        w, target = self._dora_target(name)
+        change = (self.lora_magnitude_vector[name].detach().float() / target.norm(dim=1))[:, None] * target - w
+        return change.T if self.fan_in_fan_out else change
+
+    def dora_merge(self, name: str) -> None:
+        """W ← m/‖W+ΔW‖ ⊙ (W + ΔW) per output row; the norm is kept so unmerge divides it back out exactly."""
+        change = self.merged_delta(name)
+        self.merge_norms[name] = self._dora_target(name)[1].norm(dim=1)  # (out,)
+        weight = self.base_layer.weight
+        weight.data += change.to(weight.dtype)
+
+    def dora_unmerged_weight(self, name: str) -> torch.Tensor:
+        """The base weight (its own layout, fp32) before `dora_merge(name)`: W'/(m/‖W+ΔW‖) − ΔW."""
+        w, delta = self._weight_oi().float(), self.delta_weight(name)
+        factor = self.lora_magnitude_vector[name].detach().float() / self.merge_norms[name]
+        plain = w / factor[:, None] - (delta.T if self.fan_in_fan_out else delta)
+        return plain.T if self.fan_in_fan_out else plain
+
+    def dora_unmerge(self, name: str) -> None:
+        self.base_layer.weight.data.copy_(self.dora_unmerged_weight(name))
+        del self.merge_norms[name]
+
+    def _original_base(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y from the residual base plus what PiSSA/OLoRA took out of it (s·B0A0 x), for rows not on that adapter:
+        disabled adapters and `None` rows see the original base, not the residual."""
+        for name, (A0, B0) in self.init_factors.items():
+            share = (x.to(A0.dtype) @ A0.T @ B0.T) * self.scaling[name]  # (..., out)
+            if self.row_groups is not None and name in self.row_groups:
+                keep = torch.ones(x.shape[0], 1, dtype=share.dtype, device=share.device)  # (batch, 1)
+                keep[self.row_groups[name]] = 0
+                share = share * keep.view(-1, *[1] * (share.dim() - 1))
+            y = y + share.to(y.dtype)
+        return y
+
+    def initial_delta(self, name: str) -> torch.Tensor | None:
+        """s·B0 A0 in the base weight's layout: what a PiSSA/OLoRA init took out of the base (None for other inits)."""
+        if name not in self.init_factors:
+            return None
+        A0, B0 = self.init_factors[name]
+        delta = (B0.float() @ A0.float()) * self.scaling[name]  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)  # (..., out)
         if self.disabled:
-            return y
+            return self._original_base(x, y)
         if self.row_groups is not None:
             self._check_rows(x.shape[0])
             for name, rows in self.row_groups.items():
-                y = y.index_add(0, rows, self.lora_delta(name, x[rows]).to(y.dtype))
-            return y
+                y = y.index_add(0, rows, self.adapter_delta(name, x[rows], y[rows]).to(y.dtype))
+            return self._original_base(x, y)
         name = self.active_adapter
         if name is None or name in self.merged_adapters:
             return y
+        if name in self.lora_magnitude_vector:
+            return y + self.dora_delta(name, x, y).to(y.dtype)
         A, B = self.lora_A[name], self.lora_B[name]
         h = A(self.lora_dropout[name](x.to(A.weight.dtype)))  # (..., r)
         if y.dtype != B.weight.dtype:  # low-precision base: LoRA in fp32, result cast back
@@ -135,12 +274,15 @@ class LoraEmbedding(nn.Module, _AdapterRouting):
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
         self.lora_embedding_A = nn.ParameterDict()  # (r, num_embeddings)
         self.lora_embedding_B = nn.ParameterDict()  # (embedding_dim, r)
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only: (out,)
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
+        self.init_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA: (A0, B0) taken out of W
+        self.merge_norms: dict[str, torch.Tensor] = {}  # DoRA: ‖W + ΔW‖ rows at merge time, for an exact unmerge
         self._init_routing()
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
-                    use_rslora: bool = False, dtype: torch.dtype | None = None) -> None:
+                    use_rslora: bool = False, dtype: torch.dtype | None = None, use_dora: bool = False) -> None:
         weight = self.base_layer.weight
         dtype = dtype or (weight.dtype if weight.dtype == torch.float64 else torch.float32)
         # As in the paper's reference code: A zero, B normal (so ΔW starts at zero and gradients reach A).
@@ -239,7 +381,10 @@ def merge_layer(layer: LoraLinear | LoraEmbedding, name: str) -> None:
                            "weights): ΔW would be rounded away. Use lorakit.quantization.merge_quantized(model, ids) "
                            "(dequantize, merge, save in 16/32-bit; reports the drift), `lorakit merge --quantize` "
                            "for an adapter folder, or keep the adapter unmerged.")
-    weight.data += layer.delta_weight(name).to(weight.dtype)
+    if name in getattr(layer, "lora_magnitude_vector", {}):
+        layer.dora_merge(name)
+    else:
+        weight.data += layer.delta_weight(name).to(weight.dtype)
     layer.merged_adapters.append(name)
 
 
@@ -247,6 +392,9 @@ def unmerge_layer(layer: LoraLinear | LoraEmbedding, name: str) -> None:
     """Subtract this adapter's ΔW from the base weight (no-op if not merged)."""
     if name not in layer.merged_adapters:
         return
-    weight = layer.base_layer.weight
-    weight.data -= layer.delta_weight(name).to(weight.dtype)
+    if name in getattr(layer, "lora_magnitude_vector", {}):
+        layer.dora_unmerge(name)
+    else:
+        weight = layer.base_layer.weight
+        weight.data -= layer.delta_weight(name).to(weight.dtype)
     layer.merged_adapters.remove(name)
