@@ -4,8 +4,9 @@
     python tests/fault_worker.py RUN_DIR DATA_FILE --kill-at forward:5  # SIGKILL itself inside the 5th forward pass
     python tests/fault_worker.py RUN_DIR DATA_FILE --kill-at write:4    # ... half-way through the 4th safetensors write
 
-It prints `ready` once the model is built (so an outside killer can time its SIGKILL against training, not imports).
-`kill_until_done` drives it: random SIGKILLs from outside, a resume after each, until a run completes.
+It prints `ready` once the model is built and `step N` after every optimizer step, so an outside killer can time its
+SIGKILL against training rather than imports. `kill_until_done` drives it: random SIGKILLs from outside, a resume after
+each, until a run completes.
 """
 
 from __future__ import annotations
@@ -57,9 +58,13 @@ def run(run_dir: Path, data_file: Path, max_steps: int, kill_at: str | None = No
     if kill_at:
         _arm(model, *kill_at.split(":"))
     print("ready", flush=True)
+
+    def on_step(step, record):
+        print(f"step {step}", flush=True)
+
     if checkpoints(run_dir):
-        return train(None, model, tiny_tokenizer(), resume=run_dir)
-    return train(config(run_dir, data_file, max_steps), model, tiny_tokenizer())
+        return train(None, model, tiny_tokenizer(), resume=run_dir, on_step=on_step)
+    return train(config(run_dir, data_file, max_steps), model, tiny_tokenizer(), on_step=on_step)
 
 
 def _arm(model, kind: str, n: str) -> None:
@@ -111,15 +116,21 @@ def wait_ready(proc: subprocess.Popen) -> None:
 
 def kill_until_done(run_dir: Path, data_file: Path, max_steps: int, kills: int, window_s: float, seed: int = 0,
                     timeout_s: float = 120.0) -> dict:
-    """SIGKILL the worker `kills` times at uniform random moments within `window_s` seconds of `ready`, resuming
-    after each; then let it finish. Returns counts: kills injected, kills that landed before the run ended, resumes."""
+    """SIGKILL the worker up to `kills` times, resuming after each, then let it finish. A third of the kills land at
+    a uniform moment within `window_s` s of `ready` (start-up, resume, first step); the others at a uniform moment
+    within `window_s / 10` s after the first `step` line (inside a step or a checkpoint write). Returns counts: kills
+    injected, kills that landed while the process ran, runs (a run that completes ends the experiment early)."""
     rng = random.Random(seed)
     injected = landed = 0
     while True:
         proc = launch(run_dir, data_file, max_steps)
         wait_ready(proc)
         if injected < kills:
-            time.sleep(rng.uniform(0, window_s))
+            if rng.random() < 1 / 3:
+                time.sleep(rng.uniform(0, window_s))
+            else:
+                proc.stdout.readline()  # the first `step` line (or EOF if the run was already complete)
+                time.sleep(rng.uniform(0, window_s / 10))
             injected += 1
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)

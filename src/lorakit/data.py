@@ -128,7 +128,10 @@ def read_records(path: str | Path, split: str = "train") -> list[Record]:
         if kind is None:
             raise LorakitError(f"Cannot read {path}: the suffix {path.suffix!r} is not one of {sorted(SUFFIXES)} "
                                "(or a folder saved with datasets' save_to_disk).")
-        records = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}[kind](path)
+        try:
+            records = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}[kind](path)
+        except UnicodeDecodeError as e:
+            raise LorakitError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8.") from None
     if not records:
         raise LorakitError(f"The dataset {path} is empty: no records found. Check the file and its format.")
     return records
@@ -144,6 +147,8 @@ def _read_jsonl(path: Path) -> list[Record]:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
                 raise LorakitError(f"{path}:{number}: malformed JSON line ({e.msg} at column {e.colno}).") from None
+            except RecursionError:
+                raise LorakitError(f"{path}:{number}: JSON nested too deeply to be a data record.") from None
             if not isinstance(value, dict):
                 raise LorakitError(f"{path}:{number}: each line must be a JSON object, got {type(value).__name__}.")
             records.append(Record(value, f"{path}:{number}"))
@@ -155,6 +160,8 @@ def _read_json(path: Path) -> list[Record]:
         value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise LorakitError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}).") from None
+    except RecursionError:
+        raise LorakitError(f"{path}: JSON nested too deeply to be a list of data records.") from None
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     if not isinstance(value, list):

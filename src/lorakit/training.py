@@ -213,8 +213,10 @@ class TrainConfig:
                 raise LorakitError(f"Config file {path} does not exist.")
             try:
                 data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as e:
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
                 raise LorakitError(f"{path}: not valid YAML ({e}).") from None
+            except RecursionError:
+                raise LorakitError(f"{path}: not a config: YAML nested too deeply.") from None
             if not isinstance(data, dict):
                 raise LorakitError(f"{path}: the config must be a mapping of keys to values, got {type(data).__name__}.")
         for key, value in (overrides or {}).items():
