@@ -28,6 +28,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 META_FILE = "lorakit.json"
 PREFIX = "base_model.model."  # PEFT's prefix for keys of a PeftModel wrapping the user's model
 FINGERPRINT_METHOD = "lorakit-stats-v1"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 # ---------------------------------------------------------------------------------------------------- state dicts
@@ -260,9 +261,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     for f in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / f).is_file():
             found = sorted(p.name for p in path.iterdir())
-            extra = " lorakit never reads pickled .bin weights; convert them to safetensors." \
-                if "adapter_model.bin" in found else ""
+            extra = (" lorakit never reads pickled weights (they can run code when loaded); convert them to "
+                     "safetensors with a tool you trust." if any(Path(f).suffix in PICKLE_SUFFIXES for f in found)
+                     else "")
             raise LorakitError(f"{path} has no {f} (found: {found}).{extra}")
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        warnings.warn(f"{path}: ignoring {pickled}: pickled files can run code when loaded, so lorakit never reads "
+                      f"them; the weights come from {WEIGHTS_FILE} only.")
     config = LoraConfig.from_peft_dict(_read_json(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
     meta = _read_json(path / META_FILE) if (path / META_FILE).is_file() else {}
     if meta.get("config"):
