@@ -290,3 +290,16 @@ def test_huge_rank_in_config_is_refused_before_allocation(saved_adapter, model, 
     with pytest.raises(LorakitError, match="asks for rank 1000000000, but the largest LoRA matrix .* has rank 4"):
         lk.load_adapter(model, folder)
     assert not getattr(model, "lora_configs", {})
+
+
+@pytest.mark.stress
+def test_fuzz_with_a_large_budget():
+    """The whole module again with LORAKIT_FUZZ_EXAMPLES (default here 2000) examples per fuzz test."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LORAKIT_FUZZ_EXAMPLES": os.environ.get("LORAKIT_FUZZ_EXAMPLES_STRESS", "2000")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert "fuzz cases run:" in proc.stdout

@@ -4,6 +4,7 @@ directory, request size limits, and the adapter cache's memory limit with least-
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -117,3 +118,18 @@ def test_adapter_cache_evicts_least_recently_used_never_one_in_use(root):
         assert not any(engine.in_use.values())  # every finished request released its adapter
     finally:
         engine.close()
+
+
+@pytest.mark.stress
+def test_server_under_load_answers_exactly_and_keeps_memory_flat(tmp_path):
+    """benchmarks/server_load.py: concurrent clients, mixed adapters, streaming, disconnects, malformed requests."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import server_load
+
+    seconds = float(os.environ.get("LORAKIT_LOAD_SECONDS", "60"))
+    result = server_load.run(clients=8, seconds=seconds, out=None)
+    assert result["server_alive"] and result["errors"] == 0 and result["mismatches"] == 0, result
+    assert result["requests_served_ok"] > 0 and result["rss_growth_mb"] <= result["rss_bound_mb"], result
+    assert result["counts"].get("disconnected mid-stream") and result["counts"].get("malformed answered as expected")
