@@ -303,3 +303,12 @@ def test_fuzz_with_a_large_budget():
                           env=env, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stdout[-5000:]
     assert "fuzz cases run:" in proc.stdout
+
+
+@pytest.mark.parametrize("labels", [[0, 10**12], ["0", "99999999999"], [-1, 1]])
+def test_huge_or_negative_integer_labels_are_refused_not_allocated(tmp_path, labels):
+    """Found by fuzzing: labels {0, 10**12} used to build a 10**12-entry class table (the process was OOM-killed)."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(jsonl([{"text": "the cat", "label": v} for v in labels], ""))
+    with pytest.raises(LorakitError, match="Integer labels are class ids and must be in 0..99999"):
+        load_and_tokenize(path)

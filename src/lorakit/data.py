@@ -319,15 +319,28 @@ def _classification(record: Record, tokenizer, config: DataConfig, label_ids: di
     return Example(list(ids), label_ids[label], record.source)
 
 
+MAX_CLASSES = 100_000
+
+
+def _num_classes(labels: set[int]) -> int:
+    """Integer labels are class ids 0..max; refuse negative ones and absurd maxima (a typo would allocate a table
+    of that many classes)."""
+    low, high = min(labels), max(labels)
+    if low < 0 or high >= MAX_CLASSES:
+        raise LorakitError(f"Integer labels are class ids and must be in 0..{MAX_CLASSES - 1}; got labels from {low} "
+                           f"to {high}. Use string labels, or renumber the classes from 0.")
+    return high + 1
+
+
 def label_mapping(records: Sequence[Record], config: DataConfig) -> dict[Any, int]:
     """Class ids: integer labels map to themselves, string labels to their sorted position."""
     labels = {_field(r, config.label_field, (str, int)) for r in records}
     if all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
-        return {v: v for v in range(max(labels) + 1)}
+        return {v: v for v in range(_num_classes(labels))}
     if all(isinstance(v, str) for v in labels):
         # CSV labels arrive as strings: "0", "1" stay numeric.
         if all(v.lstrip("-").isdigit() for v in labels):
-            return {str(v): v for v in range(max(int(v) for v in labels) + 1)}
+            return {str(v): v for v in range(_num_classes({int(v) for v in labels}))}
         return {v: i for i, v in enumerate(sorted(labels))}
     raise LorakitError(f"Labels mix strings and integers: {sorted(labels, key=str)[:10]}; use one kind.")
 
