@@ -60,11 +60,8 @@ def test_sigkill_mid_step_then_mid_checkpoint_write_then_torn_newest_checkpoint(
     (newest / "trainable.safetensors").write_bytes(data[: len(data) // 3])
     with pytest.warns(UserWarning, match="step-000003 is unreadable"):
         assert latest_checkpoint(run)[0].name == "step-000002"
-    proc = fw.launch(run, data_file, STEPS)
-    fw.wait_ready(proc)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-2000:]
-    assert "step-000003 is unreadable" in err and "resuming from" in out and "step-000002" in out
+    with pytest.warns(UserWarning, match="step-000003 is unreadable"):
+        assert fw.run(run, data_file, STEPS).steps == STEPS  # the last resume in-process: one subprocess fewer
     assert_same_adapter(run, reference)
     assert not list((run / "checkpoints").glob(".*tmp-*"))  # stale partial copies were cleaned up
 
