@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from dataclasses import replace
@@ -28,6 +29,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 META_FILE = "lorakit.json"
 PREFIX = "base_model.model."  # PEFT's prefix for keys of a PeftModel wrapping the user's model
 FINGERPRINT_METHOD = "lorakit-stats-v1"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 # ---------------------------------------------------------------------------------------------------- state dicts
@@ -102,9 +104,19 @@ def base_fingerprint(model: nn.Module, adapter: str, original: bool = False) -> 
             "quantization": quantization}
 
 
+def _well_formed(saved: Any) -> bool:
+    modules = saved.get("modules", {}) if isinstance(saved, dict) else None
+    return isinstance(modules, dict) and all(
+        isinstance(v, list) and len(v) == 4 and isinstance(v[0], list)
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v[1:]) for v in modules.values())
+
+
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], strict: bool, path: Path) -> None:
+    if not _well_formed(saved):
+        warnings.warn(f"{path}: the base fingerprint in {META_FILE} is malformed; base not checked.")
+        return
     if saved.get("method") != FINGERPRINT_METHOD:
-        warnings.warn(f"{path}: unknown base fingerprint method {saved.get('method')!r}; base not checked.")
+        warnings.warn(f"{path}: unknown base fingerprint method {str(saved.get('method'))[:40]!r}; base not checked.")
         return
     if saved.get("sha256") == current["sha256"]:
         return
@@ -205,20 +217,74 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file, turning every failure into a clear error (never unpickles)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+# Bytes per element of the safetensors dtypes an adapter may hold (LoRA matrices and saved heads are floating point).
+FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+MAX_HEADER_BYTES = 16_000_000
 
+
+def check_safetensors_header(path: Path) -> None:
+    """Validate a safetensors header against the file's length BEFORE anything is read or allocated: every tensor's
+    dtype, shape and byte range must be consistent and inside the file, so a header claiming a huge tensor fails
+    here with a clear error instead of making the reader allocate it."""
     size = path.stat().st_size
     if size < 8:
         raise LorakitError(f"{path} is truncated ({size} bytes); a safetensors file starts with an 8-byte header "
                            "length. Save the adapter again.")
     with open(path, "rb") as fh:
         header_len = int.from_bytes(fh.read(8), "little")
-    if header_len > size - 8 or header_len > 100_000_000:
-        raise LorakitError(f"{path} is corrupt or truncated: its header claims {header_len} bytes but the file has "
-                           f"{size}. Save the adapter again.")
+        if header_len > size - 8 or header_len > MAX_HEADER_BYTES:
+            raise LorakitError(f"{path} is corrupt or truncated: its header claims {header_len} bytes but the file "
+                               f"has {size} (at most {MAX_HEADER_BYTES} allowed). Save the adapter again.")
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise LorakitError(f"{path} has a corrupt safetensors header ({type(e).__name__}). Save the adapter again.") \
+            from None
+    if not isinstance(header, dict):
+        raise LorakitError(f"{path}: the safetensors header must be a JSON object, got {type(header).__name__}.")
+    data_len = size - 8 - header_len
+    claimed_total = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise LorakitError(f"{path}: __metadata__ must map strings to strings. The file is corrupt.")
+            continue
+        problem = _tensor_entry_problem(info, data_len)
+        claimed_total += 0 if problem else info["data_offsets"][1] - info["data_offsets"][0]
+        if not problem and claimed_total > data_len:
+            problem = f"brings the tensors' total to {claimed_total} bytes, more than the file's {data_len} data bytes"
+        if problem:
+            raise LorakitError(f"{path}: tensor {name[:200]!r} {problem}. The file is corrupt or not a LoRA adapter; "
+                               "save the adapter again.")
+
+
+def _tensor_entry_problem(info: Any, data_len: int) -> str | None:
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        return "must have exactly dtype, shape and data_offsets"
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
+        return f"has dtype {str(dtype)[:20]!r}; adapter tensors must be one of {sorted(FLOAT_DTYPES)}"
+    if not (isinstance(shape, list) and len(shape) <= 8
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        return f"has an invalid shape {str(shape)[:80]}"
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_len):
+        return f"has data offsets {str(offsets)[:80]} outside the file's {data_len} data bytes"
+    claimed = math.prod(shape) * FLOAT_DTYPES[dtype]
+    if claimed != offsets[1] - offsets[0]:
+        return (f"claims shape {shape} ({claimed} bytes) but its data range holds {offsets[1] - offsets[0]} bytes "
+                f"(the file has {data_len} data bytes in all)")
+    return None
+
+
+def read_adapter_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, turning every failure into a clear error (never unpickles)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_safetensors_header(path)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -242,9 +308,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     for f in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / f).is_file():
             found = sorted(p.name for p in path.iterdir())
-            extra = " lorakit never reads pickled .bin weights; convert them to safetensors." \
-                if "adapter_model.bin" in found else ""
+            extra = (" lorakit never reads pickled weights (they can run code when loaded); convert them to "
+                     "safetensors with a tool you trust." if any(Path(f).suffix in PICKLE_SUFFIXES for f in found)
+                     else "")
             raise LorakitError(f"{path} has no {f} (found: {found}).{extra}")
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        warnings.warn(f"{path}: ignoring {pickled}: pickled files can run code when loaded, so lorakit never reads "
+                      f"them; the weights come from {WEIGHTS_FILE} only.")
     config = LoraConfig.from_peft_dict(_read_json(path / CONFIG_FILE), source=str(path / CONFIG_FILE))
     meta = _read_json(path / META_FILE) if (path / META_FILE).is_file() else {}
     if meta.get("config"):
@@ -260,6 +331,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
         saved = ["." + k[len(PREFIX):] for k in weights if k.startswith(PREFIX)]
         kept = [m for m in config.modules_to_save if any(f".{m}." in k for k in saved)]
         config = LoraConfig.from_dict({**config.to_dict(), "modules_to_save": kept or None})
+    _check_ranks(config, weights, path)
     previous_active = active_adapter(model)
     try:
         add_lora(model, config, adapter)
@@ -277,6 +349,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     for p in adapter_state_dict(model, adapter).values():
         p.requires_grad_(trainable)
     return model
+
+
+def _check_ranks(config: LoraConfig, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Checked before add_lora allocates anything: a config claiming a rank larger than any matrix in the weights
+    file must not make the loader allocate huge matrices (exact per-module shapes are checked after add_lora)."""
+    found = [int(t.shape[0]) for k, t in weights.items()
+             if t.ndim == 2 and (k.endswith(".lora_A.weight") or k.endswith(".lora_embedding_A"))]
+    largest = max([config.r, *config.rank_pattern.values()])
+    if largest > max(found, default=0):
+        raise LorakitError(f"{path}: the config asks for rank {largest}, but the largest LoRA matrix in the weights "
+                           f"file has rank {max(found, default=0)} ({len(found)} found). The adapter folder is "
+                           "inconsistent or not a LoRA adapter; save it again.")
 
 
 def _copy_weights(model: nn.Module, adapter: str, weights: dict[str, torch.Tensor], strict: bool, path: Path) -> None:

@@ -198,13 +198,18 @@ def serve(
     batch_wait_ms: float = typer.Option(10.0, help="How long to wait for more requests to batch."),
     max_tokens_limit: int = typer.Option(512, help="Largest max_tokens a request may ask for."),
     dtype: str = typer.Option("float32", help="Base weights' dtype: float32 or bfloat16."),
+    max_body_bytes: int = typer.Option(1_000_000, help="Largest request body (bigger: 413)."),
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="Largest prompt in tokens (longer: 400)."),
+    max_adapter_mb: Optional[float] = typer.Option(None, help="Adapter cache limit: load adapters on demand and "
+                                                   "evict the least recently used idle ones beyond this many MB."),
 ) -> None:
     """Serve the base and its adapters over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     from lorakit.serving import ServeConfig, serve as run
 
     run(ServeConfig(model=model, adapters_dir=str(adapters_dir), adapters=adapter or None, host=host, port=port,
                     admin_token=admin_token, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
-                    max_tokens_limit=max_tokens_limit, dtype=dtype))
+                    max_tokens_limit=max_tokens_limit, dtype=dtype, max_body_bytes=max_body_bytes,
+                    max_prompt_tokens=max_prompt_tokens, max_adapter_mb=max_adapter_mb))
 
 
 _TRAIN_OPTIONS = {  # CLI option -> dotted TrainConfig key

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,13 +57,16 @@ class LoraConfig:
         problems = []
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             problems.append(f"r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
             problems.append(f"alpha must be a positive number, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS and not _is_pissa_niter(self.init):
             problems.append(f"init must be one of {INITS} or 'pissa_niter_K' (K a positive integer), got {self.init!r}")
-        for key, value in (self.loftq_config or {}).items():
+        if not isinstance(self.loftq_config, dict):
+            problems.append(f"loftq_config must be a mapping like {{'loftq_bits': 4, 'loftq_iter': 1}}, "
+                            f"got {self.loftq_config!r}")
+        for key, value in (self.loftq_config if isinstance(self.loftq_config, dict) else {}).items():
             allowed = {"loftq_bits": (4, 8), "loftq_iter": range(1, 101)}
             if key not in allowed or isinstance(value, bool) or value not in allowed[key]:
                 problems.append(f"loftq_config[{key!r}]={value!r}: allowed keys are loftq_bits (4 or 8) and "
@@ -87,22 +91,27 @@ class LoraConfig:
         if self.layers is not None:
             if isinstance(self.layers, int):
                 self.layers = [self.layers]
-            self.layers = list(self.layers)
-            if not all(isinstance(i, int) and i >= 0 for i in self.layers):
+            self.layers = list(self.layers) if isinstance(self.layers, (list, tuple)) else self.layers
+            if not isinstance(self.layers, list) or not all(isinstance(i, int) and i >= 0 for i in self.layers):
                 problems.append(f"layers must be non-negative integers, got {self.layers!r}")
         for name, pattern, kind in (("rank_pattern", self.rank_pattern, int), ("alpha_pattern", self.alpha_pattern, (int, float))):
             if not isinstance(pattern, dict):
                 problems.append(f"{name} must be a mapping {{module regex: value}}, got {pattern!r}")
                 continue
             for key, value in pattern.items():
-                if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+                if isinstance(value, bool) or not isinstance(value, kind) or not 0 < value < math.inf:
                     problems.append(f"{name}[{key!r}] must be a positive number, got {value!r}")
                 try:
                     re.compile(key)
-                except re.error as e:
+                except (re.error, TypeError) as e:
                     problems.append(f"{name} key {key!r} is not a valid regex: {e}")
         if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
+            if isinstance(self.modules_to_save, (list, tuple)) and all(isinstance(m, str) for m in self.modules_to_save):
+                self.modules_to_save = list(self.modules_to_save)
+            else:
+                problems.append(f"modules_to_save must be a list of module names, got {self.modules_to_save!r:.100}")
+        if not isinstance(self.use_rslora, bool):
+            problems.append(f"use_rslora must be true or false, got {self.use_rslora!r:.100}")
         if problems:
             raise LorakitError("Invalid LoraConfig:\n  - " + "\n  - ".join(problems))
 
@@ -124,6 +133,8 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
+        if not isinstance(data, dict):
+            raise LorakitError(f"A LoraConfig must be a mapping of keys to values, got {type(data).__name__}.")
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:
@@ -181,20 +192,23 @@ class LoraConfig:
         targets = data.get("target_modules")
         if isinstance(targets, (set, tuple)):
             targets = sorted(targets)
-        return cls(
-            r=int(data.get("r", 8)),
-            alpha=data.get("lora_alpha", 8),
-            dropout=float(data.get("lora_dropout", 0.0) or 0.0),
-            target_modules=targets,
-            layers=layers,
-            rank_pattern=dict(data.get("rank_pattern") or {}),
-            alpha_pattern=dict(data.get("alpha_pattern") or {}),
-            init=init,
-            use_rslora=bool(data.get("use_rslora", False)),
-            loftq_config=dict(data.get("loftq_config") or {}),
-            use_dora=bool(data.get("use_dora") or False),
-            modules_to_save=data.get("modules_to_save"),
-        )
+        try:
+            return cls(
+                r=data.get("r", 8),
+                alpha=data.get("lora_alpha", 8),
+                dropout=data.get("lora_dropout", 0.0) or 0.0,
+                target_modules=targets,
+                layers=layers,
+                rank_pattern=data.get("rank_pattern") or {},
+                alpha_pattern=data.get("alpha_pattern") or {},
+                init=init,
+                use_rslora=data.get("use_rslora", False) or False,
+                loftq_config=data.get("loftq_config") or {},
+                use_dora=data.get("use_dora") or False,
+                modules_to_save=data.get("modules_to_save"),
+            )
+        except LorakitError as e:
+            raise LorakitError(f"{source}: {e}") from None
 
 
 def _is_pissa_niter(init) -> bool:

@@ -128,7 +128,10 @@ def read_records(path: str | Path, split: str = "train") -> list[Record]:
         if kind is None:
             raise LorakitError(f"Cannot read {path}: the suffix {path.suffix!r} is not one of {sorted(SUFFIXES)} "
                                "(or a folder saved with datasets' save_to_disk).")
-        records = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}[kind](path)
+        try:
+            records = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}[kind](path)
+        except UnicodeDecodeError as e:
+            raise LorakitError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8.") from None
     if not records:
         raise LorakitError(f"The dataset {path} is empty: no records found. Check the file and its format.")
     return records
@@ -144,6 +147,8 @@ def _read_jsonl(path: Path) -> list[Record]:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
                 raise LorakitError(f"{path}:{number}: malformed JSON line ({e.msg} at column {e.colno}).") from None
+            except RecursionError:
+                raise LorakitError(f"{path}:{number}: JSON nested too deeply to be a data record.") from None
             if not isinstance(value, dict):
                 raise LorakitError(f"{path}:{number}: each line must be a JSON object, got {type(value).__name__}.")
             records.append(Record(value, f"{path}:{number}"))
@@ -155,6 +160,8 @@ def _read_json(path: Path) -> list[Record]:
         value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise LorakitError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}).") from None
+    except RecursionError:
+        raise LorakitError(f"{path}: JSON nested too deeply to be a list of data records.") from None
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     if not isinstance(value, list):
@@ -312,15 +319,28 @@ def _classification(record: Record, tokenizer, config: DataConfig, label_ids: di
     return Example(list(ids), label_ids[label], record.source)
 
 
+MAX_CLASSES = 100_000
+
+
+def _num_classes(labels: set[int]) -> int:
+    """Integer labels are class ids 0..max; refuse negative ones and absurd maxima (a typo would allocate a table
+    of that many classes)."""
+    low, high = min(labels), max(labels)
+    if low < 0 or high >= MAX_CLASSES:
+        raise LorakitError(f"Integer labels are class ids and must be in 0..{MAX_CLASSES - 1}; got labels from {low} "
+                           f"to {high}. Use string labels, or renumber the classes from 0.")
+    return high + 1
+
+
 def label_mapping(records: Sequence[Record], config: DataConfig) -> dict[Any, int]:
     """Class ids: integer labels map to themselves, string labels to their sorted position."""
     labels = {_field(r, config.label_field, (str, int)) for r in records}
     if all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
-        return {v: v for v in range(max(labels) + 1)}
+        return {v: v for v in range(_num_classes(labels))}
     if all(isinstance(v, str) for v in labels):
         # CSV labels arrive as strings: "0", "1" stay numeric.
         if all(v.lstrip("-").isdigit() for v in labels):
-            return {str(v): v for v in range(max(int(v) for v in labels) + 1)}
+            return {str(v): v for v in range(_num_classes({int(v) for v in labels}))}
         return {v: i for i, v in enumerate(sorted(labels))}
     raise LorakitError(f"Labels mix strings and integers: {sorted(labels, key=str)[:10]}; use one kind.")
 

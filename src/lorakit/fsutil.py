@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from lorakit.errors import LorakitError
+
 
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
@@ -29,16 +31,40 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
+def _is_write_error(e: BaseException) -> bool:
+    """An OS-level write failure (full disk, permissions, I/O error), also when safetensors reports it."""
+    return isinstance(e, OSError) or (type(e).__name__ == "SafetensorError" and "I/O error" in str(e))
+
+
+class WriteFailed(LorakitError, OSError):
+    """A failed atomic write (full disk, permissions ...): both a LorakitError and an OSError (with its errno)."""
+
+
+def write_failed(path: Path, e: BaseException, existed: bool, hint: str = "") -> WriteFailed:
+    """The error for a failed atomic write: what failed, and that nothing half-written was left behind."""
+    state = (f"{path} still holds its previous complete contents" if existed
+             else f"{path} was not created")
+    error = WriteFailed(f"Could not write {path} ({e}). Nothing was half-written: {state} and the partial copy was "
+                        f"removed. {hint or 'Free disk space (or fix permissions) and try again.'}")
+    error.errno = getattr(e, "errno", None)
+    return error
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, hint: str = "") -> Iterator[Path]:
     """Yield an empty temporary directory next to `path`; on success it replaces `path` in one rename.
 
     If `path` already exists it is moved aside first and deleted only after the new one is in place, so at every
     moment either the old or the new complete directory exists (`.<name>.old` holds the old one in between).
+    A write failure (e.g. a full disk) raises LorakitError saying the previous copy is intact; `hint` is the next step.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as e:
+        raise write_failed(path, e, existed, hint) from e
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -50,6 +76,11 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
+    except Exception as e:
+        if _is_write_error(e):
+            cause = e.__cause__ if isinstance(e, WriteFailed) else e  # a nested atomic write: report the root cause
+            raise write_failed(path, cause, existed, hint) from cause
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -58,13 +89,19 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    existed = path.exists()
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as e:
+        raise write_failed(path, e, existed) from e
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise write_failed(path, e, existed) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -86,8 +86,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, task: str = "causal-lm", dtype
                trust_remote_code: bool = False, attn_implementation: str | None = None, quantize: str | None = None):
     """Load (model, tokenizer). `name_or_path` is an embedded name (see EMBEDDED), a local folder or a hub id.
 
-    Remote code from model folders runs only with `trust_remote_code=True`. `quantize` ("nf4" or "int8") replaces
-    the base's linear layers (not the output head) by bitsandbytes ones; see `lorakit.quantization`.
+    Remote code from model folders runs only with `trust_remote_code=True`; weights load only from safetensors (a
+    folder with only pickled `pytorch_model.bin` weights is refused, never unpickled). `quantize` ("nf4" or "int8")
+    replaces the base's linear layers (not the output head) by bitsandbytes ones; see `lorakit.quantization`.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -103,7 +104,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, task: str = "causal-lm", dtype
     if name_or_path not in EMBEDDED and os.path.sep in name_or_path and not Path(path).exists():
         raise LorakitError(f"Model path {path} does not exist. Use an embedded model ({sorted(EMBEDDED)}), a local "
                            "Hugging Face model folder, or a hub id.")
-    kwargs = {"dtype": dtype or torch.float32, "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": dtype or torch.float32, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -113,6 +114,14 @@ def load_model(name_or_path: str = DEFAULT_MODEL, task: str = "causal-lm", dtype
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels or 2, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
+        pickled = sorted(p.name for p in Path(path).glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")) \
+            if Path(path).is_dir() else []
+        hint = (f" lorakit loads weights only from safetensors and never unpickles {pickled}; convert them with a "
+                "tool you trust." if pickled else "")
+        raise LorakitError(f"Could not load model {name_or_path!r} from {path}: {e}{hint}") from None
+    except ValueError as e:  # e.g. a folder whose config asks for its own code without trust_remote_code=True
+        if isinstance(e, LorakitError):
+            raise
         raise LorakitError(f"Could not load model {name_or_path!r} from {path}: {e}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

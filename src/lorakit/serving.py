@@ -10,6 +10,7 @@ folders directly under the configured adapters directory.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import queue
 import secrets
@@ -56,6 +57,14 @@ class ServeConfig:
     """Largest max_tokens a request may ask for."""
     dtype: str = "float32"
     """Base weights' dtype (float32 or bfloat16); LoRA weights stay fp32."""
+    max_body_bytes: int = 1_000_000
+    """Largest request body; a bigger one gets 413 (a POST without Content-Length gets 411)."""
+    max_prompt_tokens: Optional[int] = None
+    """Largest prompt in tokens (None: only the model's context limits it); a longer one gets 400."""
+    max_adapter_mb: Optional[float] = None
+    """Adapter cache: the resident adapters' weights stay under this many MB. A request for an adapter folder that
+    is not loaded loads it, evicting the least recently used adapters that no request is using. None: no cache
+    (only start-up and admin-loaded adapters are served; no eviction)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -69,6 +78,14 @@ class ServeConfig:
             problems.append(f"max_tokens_limit must be a positive integer, got {self.max_tokens_limit!r}")
         if self.dtype not in ("float32", "bfloat16"):
             problems.append(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1:
+            problems.append(f"max_body_bytes must be a positive integer, got {self.max_body_bytes!r}")
+        if self.max_prompt_tokens is not None and (not isinstance(self.max_prompt_tokens, int)
+                                                   or self.max_prompt_tokens < 1):
+            problems.append(f"max_prompt_tokens must be a positive integer or None, got {self.max_prompt_tokens!r}")
+        if self.max_adapter_mb is not None and (not isinstance(self.max_adapter_mb, (int, float))
+                                                or not self.max_adapter_mb > 0):
+            problems.append(f"max_adapter_mb must be a positive number or None, got {self.max_adapter_mb!r}")
         if self.admin_token is not None and len(self.admin_token) < 8:
             problems.append("admin_token must be at least 8 characters")
         for name in self.adapters or []:
@@ -112,7 +129,12 @@ class Engine:
         self.context = getattr(model.config, "max_position_embeddings", None) or 2048
         self.lock = threading.Lock()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.stats = {"batches": 0, "rows": 0, "largest_batch": 0, "mixed_adapter_batches": 0}
+        self.stats = {"batches": 0, "rows": 0, "largest_batch": 0, "mixed_adapter_batches": 0, "evictions": 0}
+        self.cache_lock = threading.Lock()  # taken after self.lock when both are held
+        self.in_use: dict[str, int] = {}  # adapter -> requests submitted and not finished
+        self.last_used: dict[str, int] = {}  # adapter -> tick of its latest request (LRU order)
+        self.sizes: dict[str, int] = {}  # adapter -> bytes of its weights
+        self.ticks = itertools.count()
         self.worker = threading.Thread(target=self._run, name="lorakit-batcher", daemon=True)
         self.worker.start()
 
@@ -149,10 +171,43 @@ class Engine:
             raise ServeError(404, f"No adapter folder {name!r} in the adapters directory; available: "
                                   f"{self.available()}.", "adapter_not_found", "name")
         with self.lock:
-            try:
-                load_adapter(self.model, folder, adapter=name)
-            except LorakitError as e:
-                raise ServeError(400, str(e), "adapter_load_failed", "name") from None
+            self._load_locked(name, folder)
+
+    def _load_locked(self, name: str, folder: Path) -> None:
+        """Load under self.lock, first evicting least recently used idle adapters if the cache limit needs it."""
+        from lorakit.adapter_io import WEIGHTS_FILE, adapter_state_dict, load_adapter
+
+        if self.config.max_adapter_mb is not None:
+            self._make_room((folder / WEIGHTS_FILE).stat().st_size, name)
+        try:
+            load_adapter(self.model, folder, adapter=name)
+        except LorakitError as e:
+            raise ServeError(400, str(e), "adapter_load_failed", "name") from None
+        with self.cache_lock:
+            self.sizes[name] = sum(t.numel() * t.element_size() for t in adapter_state_dict(self.model, name).values())
+            self.last_used[name] = next(self.ticks)
+
+    def _make_room(self, incoming: int, name: str) -> None:
+        from lorakit.injection import delete_adapter
+
+        limit = int(self.config.max_adapter_mb * 1e6)
+        if incoming > limit:
+            raise ServeError(400, f"Adapter {name!r} needs {incoming / 1e6:.1f} MB, more than the server's whole adapter "
+                                  f"cache ({self.config.max_adapter_mb} MB).", "adapter_too_large", "model")
+        with self.cache_lock:
+            while sum(self.sizes.values()) + incoming > limit:
+                idle = [a for a in self.sizes if not self.in_use.get(a)]
+                if not idle:
+                    raise ServeError(503, f"The adapter cache ({self.config.max_adapter_mb} MB) is full of adapters "
+                                          f"in use ({sorted(self.sizes)}); retry shortly.", "adapter_cache_full")
+                victim = min(idle, key=lambda a: self.last_used.get(a, -1))
+                delete_adapter(self.model, victim)
+                self._forget(victim)
+                self.stats["evictions"] += 1
+
+    def _forget(self, name: str) -> None:
+        for table in (self.sizes, self.last_used, self.in_use):
+            table.pop(name, None)
 
     def unload(self, name: str) -> None:
         from lorakit.injection import delete_adapter
@@ -163,12 +218,42 @@ class Engine:
                 raise ServeError(404, f"Adapter {name!r} is not loaded; loaded: {self.loaded()}.", "adapter_not_found",
                                  "name")
             delete_adapter(self.model, name)
+            with self.cache_lock:
+                self._forget(name)
 
-    def resolve_model(self, model_id: str) -> str | None:
-        """The adapter a request's `model` field selects (None = base); 400 for invalid names, 404 for unknown."""
+    def acquire(self, model_id: str) -> str | None:
+        """resolve_model, plus the cache: mark the adapter used (it cannot be evicted until `release`), and with
+        max_adapter_mb set, load an available adapter folder on demand."""
+        adapter = self.resolve_model(model_id, on_demand=self.config.max_adapter_mb is not None)
+        if adapter is None:
+            return None
+        with self.cache_lock:  # fast path, not waiting for a running batch: evictions also take cache_lock
+            if adapter in self.sizes:
+                self.in_use[adapter] = self.in_use.get(adapter, 0) + 1
+                self.last_used[adapter] = next(self.ticks)
+                return adapter
+        with self.lock:  # loads and evictions happen under self.lock, so the adapter stays between check and mark
+            if adapter not in self.loaded():
+                self._load_locked(adapter, self.adapter_folder(adapter))
+            with self.cache_lock:
+                self.in_use[adapter] = self.in_use.get(adapter, 0) + 1
+                self.last_used[adapter] = next(self.ticks)
+        return adapter
+
+    def release(self, adapters: list[str | None]) -> None:
+        with self.cache_lock:
+            for a in adapters:
+                if a is not None and self.in_use.get(a):
+                    self.in_use[a] -= 1
+
+    def resolve_model(self, model_id: str, on_demand: bool = False) -> str | None:
+        """The adapter a request's `model` field selects (None = base); 400 for invalid names, 404 for unknown
+        (with `on_demand`, an adapter folder that exists but is not loaded is accepted)."""
         if model_id == self.base_name:
             return None
-        self.adapter_folder(model_id)
+        folder = self.adapter_folder(model_id)
+        if on_demand and (folder / "adapter_config.json").is_file():
+            return model_id
         if model_id not in self.loaded():
             raise ServeError(404, f"The model {model_id!r} does not exist: loaded adapters are {self.loaded()} and "
                                   f"the base is {self.base_name!r}.", "model_not_found", "model")
@@ -210,6 +295,16 @@ class Engine:
             self._run_batch(self._collect(first))
 
     def _run_batch(self, jobs: list[Job]) -> None:
+        finished = []
+        try:
+            finished = self._decode(jobs)
+        finally:  # released before the answers go out, so a client that has its answer sees the adapter idle
+            self.release([r.adapter for job in jobs for r in job.rows])
+        for job, i, completion in finished:
+            job.report(i, "done", completion)
+
+    def _decode(self, jobs: list[Job]) -> list[tuple[Job, int, Any]]:
+        """Generate under the model lock; returns (job, row, completion) for every row decoded."""
         with self.lock:
             loaded = set(self.loaded())
             live = []
@@ -222,17 +317,16 @@ class Engine:
                     live.append(job)
             slots = [(job, i) for job in live for i in range(len(job.rows))]  # batch row -> (job, row in job)
             if not slots:
-                return
+                return []
             try:
                 done = generate_rows(self.model, self.tokenizer, [job.rows[i] for job, i in slots],
                                      on_text=lambda b, text: slots[b][0].report(slots[b][1], "text", text))
             except Exception as e:  # report to every waiting client instead of killing the batcher
                 for job in live:
                     job.report(0, "error", ServeError(500, f"Generation failed: {e}", "generation_failed"))
-                return
+                return []
             self._count([job.rows[i].adapter for job, i in slots])
-        for (job, i), completion in zip(slots, done):
-            job.report(i, "done", completion)
+        return [(job, i, completion) for (job, i), completion in zip(slots, done)]
 
     def _count(self, adapters: list[str | None]) -> None:
         self.stats["batches"] += 1
@@ -280,6 +374,20 @@ def create_app(engine: Engine):
     """The FastAPI application serving `engine`."""
     app = FastAPI(title="lorakit", version="1")
 
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        """Refuse over-large bodies from the Content-Length header, before any of the body is read."""
+        length = request.headers.get("content-length")
+        limit = engine.config.max_body_bytes
+        if request.method in ("POST", "PUT", "PATCH") and length is None:
+            error = ServeError(411, "Send the request body with a Content-Length header.", "length_required")
+        elif length is not None and (not length.isdigit() or int(length) > limit):
+            error = ServeError(413, f"The request body has {length} bytes; this server accepts at most {limit}.",
+                               "request_too_large")
+        else:
+            return await call_next(request)
+        return JSONResponse(error.body(), status_code=error.status)
+
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError):
         return JSONResponse(exc.body(), status_code=exc.status,
@@ -315,12 +423,16 @@ def create_app(engine: Engine):
                         stop=stop)
 
     async def run(body, prompts: list[list[int]], chat: bool):
-        adapter = engine.resolve_model(body.model)
         params = sampling(body)
+        limit = engine.config.max_prompt_tokens
         for ids in prompts:
+            if limit is not None and len(ids) > limit:
+                raise ServeError(400, f"The prompt has {len(ids)} tokens; this server allows at most {limit}.",
+                                 "prompt_too_long", "prompt")
             engine.check_length(ids, params.max_new_tokens)
+        adapter = await asyncio.to_thread(engine.acquire, body.model)  # may load it (adapter cache)
         job = Job([Row(ids, adapter, params) for ids in prompts], asyncio.get_running_loop())
-        engine.submit(job)
+        engine.submit(job)  # from here the batcher owns the job and releases its adapter when it is done
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))

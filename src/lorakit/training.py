@@ -222,8 +222,10 @@ class TrainConfig:
                 raise LorakitError(f"Config file {path} does not exist.")
             try:
                 data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as e:
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
                 raise LorakitError(f"{path}: not valid YAML ({e}).") from None
+            except RecursionError:
+                raise LorakitError(f"{path}: not a config: YAML nested too deeply.") from None
             if not isinstance(data, dict):
                 raise LorakitError(f"{path}: the config must be a mapping of keys to values, got {type(data).__name__}.")
         for key, value in (overrides or {}).items():
@@ -384,7 +386,12 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, position
     rng_tensors, rng_meta = _rng_state()
     if not dist.is_main():
         return path
-    with atomic_directory(path) as tmp:
+    run_dir = path.parent.parent
+    previous = [p for p in checkpoints(run_dir) if p != path]
+    hint = (f"The previous checkpoint {previous[-1]} is intact: free disk space, then continue with "
+            f"`lorakit train --resume {run_dir}`." if previous else "There is no earlier checkpoint; free disk space "
+            "and start the run again.")
+    with atomic_directory(path, hint=hint) as tmp:
         # The checkpoint folder is itself an adapter folder (load_adapter / eval accept it): the adapter is written
         # first, atomically replacing the still-empty temporary folder (atomic_directory keeps folders flat).
         save_trained(model, tmp, {"train_config": config.to_dict(), "step": position["step"]})
@@ -404,13 +411,16 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, position
 def _read_checkpoint(path: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
+    position = json.loads((path / "trainer_state.json").read_text())
+    if position.get("step") != int(path.name.split("-")[1]):
+        raise LorakitError(f"{path}/trainer_state.json says step {position.get('step')!r}, not the folder's step.")
     return {
         "trainable": load_file(str(path / "trainable.safetensors")),
         "optimizer": (load_file(str(path / "optimizer.safetensors")),
                       json.loads((path / "optimizer.json").read_text())),
         "scheduler": json.loads((path / "scheduler.json").read_text()),
         "rng": (load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text())),
-        "position": json.loads((path / "trainer_state.json").read_text()),
+        "position": position,
     }
 
 
@@ -556,7 +566,13 @@ class _Logger:
     def history(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a crash mid-write (the resumed run logs that step again)
+                continue
+        return records
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines logged after the checkpoint, which the resumed run will log again."""
@@ -741,6 +757,8 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
         _set_rng_state(*resumed["rng"])
         logger.truncate_after(step)
         say(f"resuming from {ckpt_path} (step {step}/{total_steps})")
+    else:
+        logger.truncate_after(0)  # a fresh start in a folder a crashed run (killed before its first checkpoint) used
 
     report = _param_report(model)
     stats = {"examples": len(train_data.examples), "truncated": train_data.truncated, "dropped": train_data.dropped}
@@ -888,6 +906,8 @@ def _checkpoint(run_dir: Path, model: nn.Module, engine: nn.Module, optimizer, s
     if dist.is_main():
         for old in checkpoints(run_dir)[:-config.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        for stale in (run_dir / "checkpoints").glob(".step-*.tmp-*"):  # left by a process killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
     return path
 
