@@ -21,6 +21,15 @@ SETTINGS = {
 }
 
 
+def select(settings: str) -> list[str]:
+    """--settings: comma-separated names (they hold "+", never ","), returned in table order."""
+    given = [s for s in settings.split(",") if s]
+    unknown = sorted(set(given) - set(SETTINGS))
+    if unknown:
+        raise SystemExit(f"--settings: unknown {unknown}; allowed: {', '.join(SETTINGS)}")
+    return [s for s in SETTINGS if s in given]
+
+
 def main() -> None:
     parser = C.base_parser(__doc__)
     C.e2e_arguments(parser, steps=60, eval_limit=40)
@@ -31,10 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     C.e2e_apply_full_size(args)
     C.set_threads(args.threads)
-    chosen = [s for s in SETTINGS if s in args.settings.split(",")]  # names hold "+", never ","
-    unknown = set(args.settings.split(",")) - set(SETTINGS)
-    if unknown:
-        raise SystemExit(f"--settings: unknown {sorted(unknown)}; allowed: {', '.join(SETTINGS)}")
+    chosen = select(args.settings)
     rows = C.earlier_rows(args, "ablation_targets")
     rows.update(C.reused_row(args, spec) for spec in args.reuse)
     print(f"Budget: {C.e2e_budget(args, runs=len(chosen))}", flush=True)
