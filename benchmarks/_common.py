@@ -232,6 +232,57 @@ def e2e_run(args: argparse.Namespace, method: str, lr: float, lora: LoraConfig |
     return row
 
 
+COMPARABLE = ["seed", "steps", "batch_size", "train_examples", "eval_limit", "decoding", "max_new_tokens", "bf16"]
+
+
+def comparable(args: argparse.Namespace, other: dict[str, Any], lr_key: str = "lr") -> list[str]:
+    """The settings on which `other` (the args of an earlier results file) differs from this run; [] = comparable."""
+    mine = vars(args)
+    diff = [k for k in COMPARABLE if mine.get(k) != other.get(k)]
+    if mine.get("decoding") == "beam" and mine.get("num_beams") != other.get("num_beams"):
+        diff.append("num_beams")
+    if "alpha" in other and mine.get("alpha") != other["alpha"]:
+        diff.append("alpha")
+    if mine.get("lr") != other.get(lr_key):
+        diff.append(lr_key)
+    return diff
+
+
+def earlier_rows(args: argparse.Namespace, name: str) -> dict[str, dict[str, Any]]:
+    """With --merge: the rows of <out>/<name>.json from an earlier run with the same settings, so a script can add runs
+    (e.g. another rank) without redoing the ones already measured. Different settings are an error, not a silent mix."""
+    path = Path(args.out) / f"{name}.json"
+    if not getattr(args, "merge", False) or not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    diff = comparable(args, old["args"])
+    if diff:
+        raise SystemExit(f"--merge: {path} was measured with different settings ({', '.join(diff)}: "
+                         f"{[old['args'].get(k) for k in diff]} vs {[vars(args).get(k) for k in diff]}); "
+                         "run with the same settings or without --merge")
+    return old["results"]
+
+
+def reused_row(args: argparse.Namespace, spec: str) -> tuple[str, dict[str, Any]]:
+    """--reuse ROW=FILE:KEY: take run KEY from an earlier results file measured with the same settings (checked) as
+    row ROW instead of training it again; the row records where it came from."""
+    row, _, source = spec.rpartition("=")  # row names may hold "=" (r=4), file paths here do not
+    file, _, key = source.rpartition(":")
+    old = json.loads(Path(file).read_text())
+    lr_key = "lr" if "lr" in old["args"] else f"lr_{key}"
+    diff = comparable(args, old["args"], lr_key)
+    if diff:
+        raise SystemExit(f"--reuse {spec}: measured with different settings ({', '.join(diff)})")
+    return row, {**old["results"][key], "reused_from": f"{Path(file).name}:{key}"}
+
+
+def merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of an earlier results file with the same settings and add this run's")
+    parser.add_argument("--reuse", action="append", default=[], metavar="ROW=FILE:KEY",
+                        help="take row ROW from run KEY of an earlier results file with the same settings")
+
+
 def write_e2e(name: str, args: argparse.Namespace, budget: str, rows: dict[str, dict[str, Any]], header: str,
               plot_title: str) -> None:
     """The E2E scripts' results: <name>.json, <name>.md and a bar chart <name>.png."""

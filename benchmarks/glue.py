@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--full-size", action="store_true")
     for method, lr in LR.items():
         parser.add_argument(f"--lr-{method}", type=float, default=lr)
+    parser.add_argument("--name", default="glue", help="results file stem under --out (e.g. to keep runs with other "
+                                                         "settings next to glue.*)")
     args = parser.parse_args()
     C.set_threads(args.threads)
     tasks = args.tasks.split(",")
@@ -64,14 +66,18 @@ def main() -> None:
     for task in tasks:
         for method in methods:
             rows[f"{task} {method}"] = run(args, task, method)
+            write(args, budget, rows)  # after every run, so a stopped run keeps what it measured
+
+
+def write(args, budget: str, rows: dict) -> None:
     columns = ["trainable_params", "trainable_pct", "accuracy", "f1", "matthews", "pearson", "spearman",
                "final_loss", "train_seconds"]
     header = (f"# GLUE, all-MiniLM-L6-v2, LoRA vs full fine-tuning (validation half)\n\nBudget: {budget}. "
               f"lr: lora {args.lr_lora}, full {args.lr_full}. Metrics ×100.")
-    C.write("glue", args.out, {"benchmark": "glue", "budget": budget, "args": vars(args), "results": rows}, rows,
+    C.write(args.name, args.out, {"benchmark": "glue", "budget": budget, "args": vars(args), "results": rows}, rows,
             columns, header)
     main_metric = {k: {"score": v.get(GLUE_TASKS[k.split()[0]].metrics[0])} for k, v in rows.items()}
-    C.plot_metric_bars(main_metric, ["score"], f"{args.out}/glue.png", "GLUE (main metric per task)")
+    C.plot_metric_bars(main_metric, ["score"], f"{args.out}/{args.name}.png", "GLUE (main metric per task)")
 
 
 if __name__ == "__main__":

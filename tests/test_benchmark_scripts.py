@@ -1,0 +1,55 @@
+"""The benchmark scripts' own logic (no model runs): which target settings can be selected, that they share one
+parameter budget, and that --merge/--reuse refuse results measured with other settings."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import _common as C  # noqa: E402
+import ablation_targets  # noqa: E402
+
+# SmolLM2-135M: hidden 576, grouped-query attention with 3 KV heads × 64, 30 layers
+SHAPES = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576)}
+
+
+def test_every_target_setting_is_selectable_and_in_table_order():
+    names = list(ablation_targets.SETTINGS)
+    assert ablation_targets.select(",".join(reversed(names))) == names
+    assert ablation_targets.select("W_q+W_v,W_k") == ["W_k", "W_q+W_v"]
+    with pytest.raises(SystemExit, match="unknown"):
+        ablation_targets.select("W_q,W_v,W_x")
+
+
+def test_target_settings_share_the_parameter_budget():
+    counts = {name: 30 * r * sum(sum(SHAPES[t]) for t in targets)
+              for name, (targets, r) in ablation_targets.SETTINGS.items()}
+    assert counts["W_q+W_v"] == 230_400
+    assert all(abs(c - 230_400) / 230_400 < 0.06 for c in counts.values()), counts
+
+
+def _args(tmp_path, **over):
+    base = {"seed": 0, "steps": 30, "batch_size": 8, "train_examples": 240, "eval_limit": 24, "decoding": "greedy",
+            "num_beams": 4, "max_new_tokens": 32, "bf16": False, "alpha": 32.0, "lr": 1e-3, "out": str(tmp_path),
+            "merge": True}
+    return argparse.Namespace(**{**base, **over})
+
+
+def test_merge_and_reuse_keep_rows_only_from_the_same_settings(tmp_path):
+    earlier = _args(tmp_path)
+    (tmp_path / "ablation_rank.json").write_text(json.dumps({"args": vars(earlier), "results": {"r=1": {"bleu": 1.0}}}))
+    e2e_args = {k: v for k, v in vars(earlier).items() if k not in ("alpha", "lr")} | {"lr_lora": 1e-3}
+    (tmp_path / "e2e.json").write_text(json.dumps({"args": e2e_args, "results": {"lora": {"bleu": 2.0}}}))
+
+    assert C.earlier_rows(_args(tmp_path), "ablation_rank") == {"r=1": {"bleu": 1.0}}
+    assert C.earlier_rows(_args(tmp_path, merge=False), "ablation_rank") == {}
+    with pytest.raises(SystemExit, match="steps"):
+        C.earlier_rows(_args(tmp_path, steps=60), "ablation_rank")
+
+    row, values = C.reused_row(_args(tmp_path), f"r=4={tmp_path / 'e2e.json'}:lora")
+    assert row == "r=4" and values == {"bleu": 2.0, "reused_from": "e2e.json:lora"}
+    with pytest.raises(SystemExit, match="lr_lora"):
+        C.reused_row(_args(tmp_path, lr=5e-3), f"r=4={tmp_path / 'e2e.json'}:lora")
