@@ -8,15 +8,16 @@ order; ~40-60 minutes on 2 CPU cores. Reported: median step time, peak RSS, rati
 Variants (same batch, same LoRA math):
   full       full fine-tuning, AdamW, fp32, the model's own loss
   peft       PEFT LoRA, fp32, the model's own loss (PEFT's default setup)
-  peft-tuned `peft` with glibc's mmap threshold fixed at 128 KiB, as lorakit.train sets it (equal allocator)
-  lorakit    lorakit LoRA, fp32 (equal math to `peft`) as `lorakit.train` runs it: fused linear+cross-entropy loss on
-             labelled positions only, gated MLP keeping one activation fewer (`lorakit.fused`), glibc's mmap
-             threshold fixed at 128 KiB (`lorakit.memory`)
-  lk-glibc   `lorakit` with the allocator left at glibc's defaults (equal allocator to `peft`)
+  peft-thp   `peft` with PyTorch's transparent huge pages on, as `import lorakit` sets them (equal allocator)
+  lorakit    lorakit LoRA, fp32 (equal math to `peft`) as `lorakit.train` runs it by default: fused linear+cross-entropy
+             loss on labelled positions only, gated MLP keeping one activation fewer (`lorakit.fused`), transparent
+             huge pages for large tensors (`lorakit.memory`)
+  lk-plain   `lorakit` with huge pages off (equal allocator to `peft`)
+  lk-lean    `lorakit` plus the opt-in glibc mmap threshold of 128 KiB (`malloc_mmap_threshold_kb: 128`)
   lk-bf16    frozen base cast to bf16 once, LoRA fp32, eager attention, fused loss; run only where this CPU's bf16
              matmul is faster than fp32 (AMX / AVX512-BF16), which the benchmark measures first (--bf16 on forces it)
-  floor      forward + backward through the frozen fp32 model, no weight gradients at all (fused loss), no optimizer,
-             allocator as `lorakit`
+  floor      forward + backward through the frozen fp32 model, no weight gradients at all (fused loss, fused MLP),
+             no optimizer, allocator as `lorakit`
 
 Also checked: with identical A/B values PEFT and lorakit give the same loss and LoRA gradients; the loss trajectory
 over --traj-steps steps (lorakit fp32, and lorakit bf16 where it runs, vs PEFT fp32) from identical initial A/B;
@@ -78,12 +79,12 @@ def build(variant: str, targets: str, r: int = 8):
     if variant == "full":
         for p in model.parameters():
             p.requires_grad_(True)
-    elif variant in ("peft", "peft-tuned"):
+    elif variant in ("peft", "peft-thp"):
         import peft
 
         cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGETS[targets])
         model = peft.get_peft_model(model, cfg)
-    elif variant in ("lorakit", "lk-glibc", "lk-bf16"):
+    elif variant in ("lorakit", "lk-plain", "lk-lean", "lk-bf16"):
         lk.add_lora(model, lk.LoraConfig(r=r, alpha=2 * r, target_modules=TARGETS[targets]))
         fuse_gated_mlp(model)  # what lorakit.train does: exact, one MLP activation fewer kept for backward
         if variant == "lk-bf16":
@@ -100,7 +101,7 @@ def build(variant: str, targets: str, r: int = 8):
 def loss_fn(variant: str, model, batch):
     from lorakit.losses import causal_lm_loss
 
-    if variant in ("full", "peft", "peft-tuned"):
+    if variant in ("full", "peft", "peft-thp"):
         return model(**batch).loss
     if variant == "floor":
         embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
@@ -113,14 +114,15 @@ def loss_fn(variant: str, model, batch):
     return causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"])
 
 
-TUNED_ALLOCATOR = ("lorakit", "lk-bf16", "peft-tuned", "floor")
+HUGE_PAGES = ("peft-thp", "lorakit", "lk-lean", "lk-bf16", "floor")  # THP_MEM_ALLOC_ENABLE=1 (what `import lorakit` sets)
+MMAP_128K = ("lk-lean",)
 
 
 def worker(args) -> None:
     from lorakit.memory import set_mmap_threshold
 
-    if args.variant in TUNED_ALLOCATOR:
-        set_mmap_threshold(128 * 1024)  # what lorakit.train does by default (malloc_mmap_threshold_kb: 128)
+    if args.variant in MMAP_128K:
+        set_mmap_threshold(128 * 1024)  # lorakit.train with malloc_mmap_threshold_kb: 128
     torch.manual_seed(0)
     model, tok = build(args.variant, args.targets)
     batch = make_batch(tok, Path(args.data_dir), args.batch, args.seq, mask_prompt=args.mask_prompt)
@@ -146,7 +148,8 @@ def run_variant(variant, targets, batch, seq, args, mask_prompt: bool = False) -
     cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--targets", targets, "--batch", str(batch),
            "--seq", str(seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--data-dir", args.data_dir]
     cmd += ["--mask-prompt"] if mask_prompt else []
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "THP_MEM_ALLOC_ENABLE": "1" if variant in HUGE_PAGES else "0"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"worker {variant}/{targets} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -304,11 +307,12 @@ def main() -> None:
     print(f"GEMM on this CPU: fp32 {rates['fp32']:.1f} GFLOP/s, bf16 {rates['bf16']:.1f} GFLOP/s -> bf16 variant "
           f"{'on' if use_bf16 else 'off'}", flush=True)
     bf16 = ["lk-bf16"] if use_bf16 else []
-    lora = ["peft", "peft-tuned", "lorakit", "lk-glibc", *bf16, "floor"]
+    lora = ["peft", "peft-thp", "lorakit", "lk-plain", "lk-lean", *bf16, "floor"]
+    short = [v for v in lora if v not in ("lk-plain", "lk-lean")]
     cases = [("qv", 8, 128, False, ["full", *lora]),
              ("all", 8, 128, False, lora),
-             ("qv", 2, 512, False, [v for v in lora if v != "lk-glibc"]),
-             ("qv", 8, 128, True, [v for v in lora if v != "lk-glibc"])]
+             ("qv", 2, 512, False, short),
+             ("qv", 8, 128, True, short)]
     if args.quick:
         cases = cases[:1]
     results = {"setup": {"torch": torch.__version__, "threads": torch.get_num_threads(), "steps": args.steps,
@@ -342,7 +346,7 @@ def main() -> None:
 def write(results: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = ["| targets | batch | variant | step (median s) | peak RSS (GB) | time / PEFT | RSS / PEFT | "
-             "RSS / PEFT-tuned | time / floor |", "|---|---|---|---|---|---|---|---|---|"]
+             "RSS / PEFT-THP | time / floor |", "|---|---|---|---|---|---|---|---|---|"]
     for case in results["cases"]:
         v = case["variants"]
         for name, d in v.items():
@@ -350,7 +354,7 @@ def write(results: dict, out: Path) -> None:
             shape = f"{case['batch']}×{case['seq']}" + (" prompt masked" if case.get("prompt_masked") else "")
             lines.append(f"| {case['targets']} | {shape} | {name} | {d['median_s']:.2f} | "
                          f"{d['peak_rss_gb']:.2f} | {ratio('median_s', 'peft')} | {ratio('peak_rss_gb', 'peft')} | "
-                         f"{ratio('peak_rss_gb', 'peft-tuned')} | "
+                         f"{ratio('peak_rss_gb', 'peft-thp')} | "
                          f"{ratio('median_s', 'floor')} |")
     eq = results["equivalence"]
     lines += ["", f"Equal math (identical A/B, q,v r=8): loss PEFT {eq['loss_peft']:.6f} vs lorakit {eq['loss_lorakit']:.6f} "

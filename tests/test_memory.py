@@ -48,3 +48,28 @@ def test_bad_thresholds_are_refused():
 
 def test_peak_rss_is_in_megabytes():
     assert 20 < peak_rss_mb() < 100_000
+
+
+THP_MODE = open("/sys/kernel/mm/transparent_hugepage/enabled").read() if GLIBC else "[never]"
+HUGE = """
+import lorakit, torch
+x = torch.ones(16 * 1024 * 1024)  # 64 MB
+print(sum(int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')) // 1024)
+"""
+
+
+@pytest.mark.skipif("[never]" in THP_MODE, reason="transparent huge pages are disabled in this kernel")
+def test_import_lorakit_turns_on_huge_pages_unless_the_user_chose():
+    import os
+
+    def huge_mb(env: dict) -> int:
+        env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+        return int(subprocess.run([sys.executable, "-c", HUGE], capture_output=True, text=True, check=True,
+                                  env=env).stdout)
+
+    assert huge_mb({"THP_MEM_ALLOC_ENABLE": None}) >= 32  # the 64 MB tensor sits (mostly) in 2 MB pages
+    assert huge_mb({"THP_MEM_ALLOC_ENABLE": "0"}) == 0  # the user's choice wins
+
+
+def test_mmap_threshold_is_opt_in():
+    assert TrainConfig().malloc_mmap_threshold_kb == 0

@@ -8,6 +8,10 @@ The public API (see README.md):
 
 __version__ = "0.1.0"
 
+from lorakit.memory import enable_huge_pages
+
+enable_huge_pages()  # before any tensor exists: PyTorch reads THP_MEM_ALLOC_ENABLE once (see lorakit.memory)
+
 from lorakit.errors import LorakitError
 from lorakit.config import LoraConfig
 from lorakit.layers import LoraLinear, LoraEmbedding, ModulesToSave
