@@ -1,7 +1,9 @@
-"""Quantized frozen bases (QLoRA): bitsandbytes NF4 / int8 under LoRA, training, merging, LoftQ init."""
+"""Quantized frozen bases (QLoRA): bitsandbytes NF4 / int8 (and torchao int8-wo where shared) under LoRA, training,
+merging, LoftQ init. torchao-only checks: test_quantization_torchao.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 
@@ -21,12 +23,17 @@ from lorakit.training import TrainConfig, train  # noqa: E402
 from tiny_text import save_tiny_lm, tiny_tokenizer  # noqa: E402
 
 # Max |quantized − fp32| logits relative to max |fp32 logits| on the tiny Llama: NF4 (4-bit, blocks of 64) measured
-# ~0.11, int8 (per-row absmax) ~0.005; the bounds leave room for other seeds.
-RELATIVE_DRIFT = {"nf4": 0.25, "int8": 0.02}
-# merge_quantized in fp32 vs the quantized base + adapter: NF4 layers compute with the dequantized weight (exact up to
-# fp32 rounding); bitsandbytes' int8 layer in eval mode also rounds the activations to int8 (measured 1.9e-3 here,
-# with an adapter effect of 0.22).
-MERGE_DRIFT = {"nf4": 1e-5, "int8": 1e-2}
+# ~0.11, int8 (per-row absmax) ~0.005, int8-wo (torchao, per-row scale, float activations) 0.0071; the bounds leave
+# room for other seeds.
+RELATIVE_DRIFT = {"nf4": 0.25, "int8": 0.02, "int8-wo": 0.02}
+# merge_quantized in fp32 vs the quantized base + adapter: NF4 and torchao int8-wo layers compute with the dequantized
+# weight (exact up to fp32 rounding; int8-wo measured 1.0e-7); bitsandbytes' int8 layer in eval mode also rounds the
+# activations to int8 (measured 1.9e-3 here, with an adapter effect of 0.22).
+MERGE_DRIFT = {"nf4": 1e-5, "int8": 1e-2, "int8-wo": 1e-5}
+# The quantized layer's class: bitsandbytes replaces the nn.Linear; torchao keeps it and quantizes its weight.
+LAYER_CLASS = {"nf4": "Linear4bit", "int8": "Linear8bitLt", "int8-wo": "Linear"}
+METHODS = ["nf4", "int8", pytest.param("int8-wo", marks=pytest.mark.skipif(
+    importlib.util.find_spec("torchao") is None, reason="quantize='int8-wo' needs torchao"))]
 
 
 @pytest.fixture
@@ -39,13 +46,13 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("method", ["nf4", "int8"])
+@pytest.mark.parametrize("method", METHODS)
 def test_quantized_base_is_close_to_fp32_trains_lora_only_and_disabled_is_the_quantized_base(method, ids):
     fp32 = tiny_llama()
     reference = logits(fp32, ids)
     model = quantize_model(tiny_llama(), method)
     attn = model.model.layers[0].self_attn
-    assert type(attn.q_proj).__name__ == {"nf4": "Linear4bit", "int8": "Linear8bitLt"}[method]
+    assert type(attn.q_proj).__name__ == LAYER_CLASS[method] and quantization_of(model) == method
     assert type(model.lm_head) is nn.Linear  # the output head stays full precision
     size = weight_bytes(model)
     assert quantization_of(model) == method and size < weight_bytes(fp32)
@@ -124,7 +131,7 @@ def test_cli_train_quantize_int8_with_loftq_init_and_bad_settings(tmp_path, data
     assert TrainConfig.from_yaml(tmp_path / "run" / "config.yaml").quantize == "int8"
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert saved["init_lora_weights"] == "loftq" and saved["loftq_config"] == {"loftq_bits": 8, "loftq_iter": 1}
-    with pytest.raises(LorakitError, match="quantize must be nf4, int8 or null, got 'fp8'"):
+    with pytest.raises(LorakitError, match="quantize must be nf4, int8, int8-wo or null, got 'fp8'"):
         TrainConfig.from_dict({"quantize": "fp8"})
     with pytest.raises(LorakitError, match="lora.init=loftq .* also set quantize"):
         TrainConfig.from_dict({"lora": {"init": "loftq"}})
@@ -140,7 +147,8 @@ def qlora_model(method: str = "nf4"):
     return model
 
 
-@pytest.mark.parametrize("method", ["nf4", "int8"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated")  # PEFT's torchao layer cannot merge: fine
 def test_peft_loads_a_qlora_adapter_on_the_same_quantized_base_with_the_same_logits(method, tmp_path, ids):
     from peft import PeftModel
 
@@ -157,7 +165,7 @@ def test_plain_merge_on_a_quantized_base_says_what_to_do():
     assert not model.model.layers[0].self_attn.q_proj.merged_adapters
 
 
-@pytest.mark.parametrize("method", ["nf4", "int8"])
+@pytest.mark.parametrize("method", METHODS)
 def test_merge_quantized_dequantizes_merges_and_reports_the_drift(method, ids):
     model = qlora_model(method)
     expected = logits(model, ids)
@@ -183,22 +191,23 @@ def test_merging_back_into_4bit_needs_force_and_prints_the_drift(ids, capsys):
     assert f"max logit difference vs base+adapter {report.max_logit_diff:.3g}" in capsys.readouterr().out
 
 
-def test_export_merges_a_qlora_adapter_into_the_dequantized_base(tmp_path, ids):
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "int8"])  # bnb int8: covered by merge_quantized
+def test_export_merges_a_qlora_adapter_into_the_dequantized_base(method, tmp_path, ids):
     save_tiny_lm(tmp_path / "base")
-    model, _ = lk.load_model(str(tmp_path / "base"), quantize="nf4")
+    model, _ = lk.load_model(str(tmp_path / "base"), quantize=method)
     lk.add_lora(model, lk.LoraConfig(r=4, alpha=8))
     randomize_lora_B(model, std=0.05)
     expected = logits(model, ids)
     lk.save_adapter(model, tmp_path / "adapter")
-    report = merge_to_directory(str(tmp_path / "base"), tmp_path / "adapter", tmp_path / "merged", quantize="nf4")
-    assert report.quantize == "nf4" and report.max_logit_diff < 1e-5 and report.adapter_effect > 1e-2
-    assert "vs nf4 base+adapter" in str(report)
+    report = merge_to_directory(str(tmp_path / "base"), tmp_path / "adapter", tmp_path / "merged", quantize=method)
+    assert report.quantize == method and report.max_logit_diff < 1e-5 and report.adapter_effect > 1e-2
+    assert f"vs {method} base+adapter" in str(report)
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert float((logits(merged, ids) - expected).abs().max()) < 1e-5
     saved = json.loads((tmp_path / "merged" / "lorakit_merge.json").read_text())
-    assert saved["quantize"] == "nf4"
+    assert saved["quantize"] == method
 
 
 # ---------------------------------------------------------------------------------------------------- LoftQ

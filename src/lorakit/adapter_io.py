@@ -22,7 +22,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.fsutil import atomic_directory, write_json
 from lorakit.injection import _require_adapter, active_adapter, add_lora, delete_adapter, lora_layers, set_adapter
-from lorakit.layers import LORA_LAYERS
+from lorakit.layers import LORA_LAYERS, is_quantized_weight
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -63,7 +63,7 @@ def _base_name(model: nn.Module) -> str | None:
 def _unmerged_weight(layer, original_of: str | None = None) -> torch.Tensor:
     """The base weight without merged adapters; with `original_of`, also with that adapter's PiSSA/OLoRA part back."""
     weight = layer.base_layer.weight.detach()
-    if not weight.is_floating_point():  # a quantized base: fingerprint the weights it computes with
+    if is_quantized_weight(weight):  # a quantized base: fingerprint the weights it computes with
         from lorakit.quantization import dequantize_weight
 
         weight = dequantize_weight(layer.base_layer)
@@ -87,7 +87,7 @@ def base_fingerprint(model: nn.Module, adapter: str, original: bool = False) -> 
         if not isinstance(layer, LORA_LAYERS) or adapter not in layer.adapters:
             continue
         w = _unmerged_weight(layer, adapter if original else None)
-        if not layer.base_layer.weight.is_floating_point():
+        if is_quantized_weight(layer.base_layer.weight):
             from lorakit.quantization import quantization_method
 
             quantization = quantization_method(layer.base_layer)

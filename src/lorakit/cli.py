@@ -175,7 +175,7 @@ def merge(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     max_drift: float = typer.Option(1e-3, help="Largest allowed logit difference vs base+adapter."),
     force: bool = typer.Option(False, help="Write the merged model even if the drift exceeds --max-drift."),
-    quantize: Optional[str] = typer.Option(None, help="nf4 or int8: the adapter was trained on this quantized base; "
+    quantize: Optional[str] = typer.Option(None, help="nf4, int8 or int8-wo: the adapter was trained on this quantized base; "
                                                       "merge into its dequantized weights."),
 ) -> None:
     """Merge an adapter into its base and write a model folder AutoModelForCausalLM.from_pretrained loads."""
@@ -252,7 +252,8 @@ def train(
     show_example: bool = typer.Option(False, help="Print the tokens of the first example as the model sees them."),
     distributed: Optional[str] = typer.Option(None, help="none, ddp or fsdp: how ranks share work under torchrun."),
     nproc: int = typer.Option(1, help="Processes on this machine; N > 1 runs torchrun for you (ddp by default)."),
-    quantize: Optional[str] = typer.Option(None, help="nf4 or int8: a bitsandbytes-quantized frozen base (QLoRA)."),
+    quantize: Optional[str] = typer.Option(None, help="nf4 or int8 (bitsandbytes) or int8-wo (torchao "
+                                                      "int8 weight-only): a quantized frozen base (QLoRA)."),
 ) -> None:
     """Fine-tune with LoRA from a YAML config plus command-line overrides; resumable (--resume RUN_DIR)."""
     from lorakit import distributed as dist

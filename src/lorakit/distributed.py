@@ -130,11 +130,13 @@ def wrap(model: nn.Module, loss_fn, mode: str) -> nn.Module:
 
 def check_shardable(model: nn.Module) -> None:
     """FSDP2 shards floating-point parameters only: refuse a quantized base clearly instead of failing deep inside."""
-    quantized = [n for n, p in model.named_parameters() if not p.is_floating_point()]
+    from lorakit.layers import is_quantized_weight
+
+    quantized = [n for n, p in model.named_parameters() if is_quantized_weight(p)]
     if getattr(model, "hf_quantizer", None) is not None or quantized:
-        raise LorakitError(f"distributed: fsdp cannot shard this quantized base ({len(quantized)} integer parameter "
-                           f"tensor(s), e.g. {quantized[:2]}; FSDP2 shards float tensors only, and bitsandbytes "
-                           "4/8-bit weights are not DTensor-compatible). Use distributed: ddp (each rank holds the "
+        raise LorakitError(f"distributed: fsdp cannot shard this quantized base ({len(quantized)} quantized parameter "
+                           f"tensor(s), e.g. {quantized[:2]}; FSDP2 shards plain float tensors only, and bitsandbytes "
+                           "4/8-bit and torchao weights are not DTensor-compatible here). Use distributed: ddp (each rank holds the "
                            "quantized base and the adapter is all-reduced) or fsdp with an unquantized or bf16 base (base_dtype: bf16).")
 
 

@@ -17,7 +17,7 @@ from lorakit.adapter_io import load_adapter
 from lorakit.errors import LorakitError
 from lorakit.fsutil import atomic_directory, write_json
 from lorakit.injection import disable_adapters, lora_layers, unload
-from lorakit.layers import LORA_LAYERS
+from lorakit.layers import LORA_LAYERS, is_quantized_weight
 from lorakit.models import load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,9 +72,10 @@ def check_mergeable(model: nn.Module) -> None:
         if not isinstance(layer, LORA_LAYERS):
             continue
         weight = layer.base_layer.weight
-        if not weight.is_floating_point():
-            raise LorakitError(f"{name} stores its base weight as {weight.dtype} (quantized); merging would corrupt "
-                               "it. Merge into an unquantized copy of the base (`lorakit merge --quantize nf4|int8` "
+        if is_quantized_weight(weight):
+            raise LorakitError(f"{name} stores its base weight quantized ({type(weight).__name__}, {weight.dtype}); "
+                               "merging would corrupt it. Merge into an unquantized copy of the base (`lorakit merge "
+                               "--quantize nf4|int8|int8-wo` "
                                "merges a QLoRA adapter into the dequantized base; in Python: "
                                "lorakit.quantization.merge_quantized).")
         if len(owners[id(weight)]) > 1:

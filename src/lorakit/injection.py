@@ -18,7 +18,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.layers import (ADAPTER_LAYERS, LORA_LAYERS, LoraEmbedding, LoraLinear, ModulesToSave, _is_conv1d,
-                            merge_layer, unmerge_layer)
+                            is_quantized_weight, merge_layer, unmerge_layer)
 
 # The paper's choice (W_q, W_v) for architectures we know, used when `target_modules` is None.
 DEFAULT_TARGETS = {
@@ -362,7 +362,8 @@ def cast_base(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     with torch.no_grad():
         for module in model.modules():
             for name, p in module.named_parameters(recurse=False):
-                if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                # quantized weights (torchao's report a float dtype) keep their own compute dtype
+                if not p.requires_grad and not is_quantized_weight(p) and p.dtype != dtype:
                     p.data = p.data.to(dtype)  # same Parameter object: tied weights stay tied
     return model
 

@@ -26,6 +26,15 @@ def _is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
+def is_quantized_weight(weight: torch.Tensor) -> bool:
+    """Stored quantized: integer storage (bitsandbytes), or a torchao tensor subclass, which reports a float dtype."""
+    return not weight.is_floating_point() or type(weight).__module__.split(".")[0] == "torchao"
+
+
+def _storage(weight: torch.Tensor) -> str:
+    return str(weight.dtype) if type(weight) in (torch.Tensor, nn.Parameter) else type(weight).__name__
+
+
 class _AdapterRouting:
     """Shared state and routing rules of every lorakit layer."""
 
@@ -73,9 +82,9 @@ class LoraLinear(nn.Module, _AdapterRouting):
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, init: str = "kaiming",
                     use_rslora: bool = False, dtype: torch.dtype | None = None, use_dora: bool = False) -> None:
         weight = self.base_layer.weight
-        if (use_dora or init.startswith(("pissa", "olora"))) and not weight.is_floating_point():
-            raise LorakitError(f"use_dora and init={init!r} read the base weight, which is stored as {weight.dtype} "
-                               "(quantized) here; add this adapter on the unquantized base.")
+        if (use_dora or init.startswith(("pissa", "olora"))) and is_quantized_weight(weight):
+            raise LorakitError(f"use_dora and init={init!r} read the base weight, which is stored quantized here "
+                               f"({_storage(weight)}); add this adapter on the unquantized base.")
         # LoRA weights stay in fp32 by default even on a low-precision base: tiny updates survive there.
         dtype = dtype or (weight.dtype if weight.dtype == torch.float64 else torch.float32)
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
@@ -376,10 +385,10 @@ def merge_layer(layer: LoraLinear | LoraEmbedding, name: str) -> None:
     if name in layer.merged_adapters:
         return
     weight = layer.base_layer.weight
-    if not weight.is_floating_point():
-        raise LorakitError(f"Cannot merge into a quantized base ({type(layer.base_layer).__name__}, {weight.dtype} "
-                           "weights): ΔW would be rounded away. Use lorakit.quantization.merge_quantized(model, ids) "
-                           "(dequantize, merge, save in 16/32-bit; reports the drift), `lorakit merge --quantize` "
+    if is_quantized_weight(weight):
+        raise LorakitError(f"Cannot merge into a quantized base ({type(layer.base_layer).__name__}, "
+                           f"{_storage(weight)} weights): ΔW would be rounded away. Use "
+                           "lorakit.quantization.merge_quantized(model, ids) (dequantize, merge, save in 16/32-bit; reports the drift), `lorakit merge --quantize` "
                            "for an adapter folder, or keep the adapter unmerged.")
     if name in getattr(layer, "lora_magnitude_vector", {}):
         layer.dora_merge(name)

@@ -87,8 +87,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, task: str = "causal-lm", dtype
     """Load (model, tokenizer). `name_or_path` is an embedded name (see EMBEDDED), a local folder or a hub id.
 
     Remote code from model folders runs only with `trust_remote_code=True`; weights load only from safetensors (a
-    folder with only pickled `pytorch_model.bin` weights is refused, never unpickled). `quantize` ("nf4" or "int8")
-    replaces the base's linear layers (not the output head) by bitsandbytes ones; see `lorakit.quantization`.
+    folder with only pickled `pytorch_model.bin` weights is refused, never unpickled). `quantize` ("nf4", "int8" or
+    "int8-wo") quantizes the base's linear layers (not the output head), with bitsandbytes or torchao (int8-wo); see
+    `lorakit.quantization`.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 

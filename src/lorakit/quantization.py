@@ -1,9 +1,12 @@
-"""Quantized frozen bases (QLoRA): bitsandbytes NF4 / int8 linear layers under LoRA, dequantizing merges, LoftQ init.
+"""Quantized frozen bases (QLoRA): bitsandbytes NF4 / int8 and torchao int8 weight-only linear layers under LoRA,
+dequantizing merges, LoftQ init.
 
 `quantize_model` swaps the frozen `nn.Linear` layers of a model (never the output head, never LoRA's own A/B or
-modules to save) for bitsandbytes `Linear4bit` (NF4, double-quantised statistics, as in the QLoRA paper) or
-`Linear8bitLt` (LLM.int8). A `LoraLinear` wrapping such a layer runs the base through the layer's own forward and
-keeps A/B in fp32, so gradients reach the adapter only.
+modules to save) for bitsandbytes `Linear4bit` (method "nf4": NF4, double-quantised statistics, as in the QLoRA paper)
+or `Linear8bitLt` (method "int8": LLM.int8), or keeps the `nn.Linear` and makes its weight a torchao `Int8Tensor`
+(method "int8-wo": int8 weight-only, one symmetric scale per output row; activations stay float). A `LoraLinear`
+wrapping such a layer runs the base through the layer's own forward and keeps A/B in fp32, so gradients reach the
+adapter only.
 
 Adding ΔW to 4-/8-bit weights would round most of it away, so `lorakit.merge` refuses a quantized base.
 `merge_quantized` dequantizes first, merges in fp32, casts to the dtype asked for and reports the logit drift against
@@ -11,7 +14,7 @@ the quantized base + adapter it replaces; merging back into the quantized format
 
 `loftq_init` (LoftQ, Li et al. 2023) chooses the base's quantization and the adapter together: alternately quantize
 W − BA and set BA to the rank-r SVD of the residual W − Q, so that Q + BA starts closer to W than Q alone.
-bitsandbytes is imported lazily: only these functions need it (`pip install 'lorakit[quant]'`).
+bitsandbytes and torchao are imported lazily: only these functions need them (`pip install 'lorakit[quant]'`).
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from torch import nn
 from lorakit.errors import LorakitError
 from lorakit.injection import (_candidate_modules, _head_names, _set_submodule, active_adapter, disable_adapters,
                                lora_layers, merge, unload)
-from lorakit.layers import LoraLinear
+from lorakit.layers import LoraLinear, is_quantized_weight
 
-METHODS = ("nf4", "int8")
+METHODS = ("nf4", "int8", "int8-wo")
 LOFTQ_BITS = {4: "nf4", 8: "int8"}
 
 
@@ -40,6 +43,19 @@ def _bnb():
     return bitsandbytes
 
 
+def _torchao():
+    try:
+        import torchao.quantization
+    except ImportError:
+        raise LorakitError("quantize='int8-wo' needs torchao, which is not installed. Install it with: "
+                           "pip install 'lorakit[quant]' (or pip install torchao).") from None
+    return torchao.quantization
+
+
+def _is_torchao(weight: torch.Tensor) -> bool:
+    return weight.is_floating_point() and is_quantized_weight(weight)
+
+
 def _check_method(method: str) -> None:
     if method not in METHODS:
         raise LorakitError(f"quantize must be one of {METHODS}, got {method!r}.")
@@ -47,21 +63,25 @@ def _check_method(method: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- layers
 def is_quantized(module: nn.Module) -> bool:
-    """A linear layer whose weight is stored as integers (bitsandbytes Linear4bit / Linear8bitLt)."""
+    """A linear layer whose weight is stored quantized (bitsandbytes Linear4bit / Linear8bitLt, torchao Int8Tensor)."""
     weight = getattr(module, "weight", None)
-    return isinstance(module, nn.Linear) and weight is not None and not weight.is_floating_point()
+    return isinstance(module, nn.Linear) and weight is not None and is_quantized_weight(weight)
 
 
 def quantization_method(module: nn.Module) -> str | None:
     if not is_quantized(module):
         return None
+    if _is_torchao(module.weight):
+        return "int8-wo"
     return "nf4" if type(module).__name__ == "Linear4bit" else "int8"
 
 
 def quantize_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype = torch.float32,
                     weight: torch.Tensor | None = None) -> nn.Module:
-    """A bitsandbytes copy of `linear` (weight `weight` if given, e.g. LoftQ's W − BA), frozen."""
+    """A quantized copy of `linear` (weight `weight` if given, e.g. LoftQ's W − BA), frozen."""
     _check_method(method)
+    if method == "int8-wo":
+        return _torchao_linear(linear, compute_dtype, weight)
     bnb = _bnb()
     w = (linear.weight if weight is None else weight).detach().float().cpu().clone()  # (out, in)
     has_bias = linear.bias is not None
@@ -79,10 +99,29 @@ def quantize_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype =
     return q.to(linear.weight.device)  # bitsandbytes quantizes on the move to a device
 
 
+def _torchao_linear(linear: nn.Linear, compute_dtype: torch.dtype, weight: torch.Tensor | None) -> nn.Linear:
+    """An `nn.Linear` whose weight is a torchao `Int8Tensor` (int8 per output row, symmetric), computing in
+    `compute_dtype`: torchao's linear dequantizes the weight and runs a float matmul, so gradients reach the input."""
+    ao = _torchao()
+    w = (linear.weight if weight is None else weight).detach()
+    q = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w.device,
+                  dtype=compute_dtype)
+    with torch.no_grad():
+        q.weight.copy_(w)
+        if linear.bias is not None:
+            q.bias.copy_(linear.bias)
+    q.requires_grad_(False)
+    # set_inductor_config=False: do not change torch.compile's global settings as a side effect.
+    ao.quantize_(q, ao.Int8WeightOnlyConfig(set_inductor_config=False))
+    return q.train(linear.training)
+
+
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
     """The fp32 (out, in) weight a quantized linear layer computes with."""
-    bnb = _bnb()
     w = module.weight
+    if quantization_method(module) == "int8-wo":
+        return w.dequantize().float()
+    bnb = _bnb()
     if quantization_method(module) == "nf4":
         return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
     if quantization_method(module) == "int8":
@@ -103,7 +142,8 @@ def dequantize_linear(module: nn.Module, dtype: torch.dtype = torch.float32) -> 
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers, plus bitsandbytes' quantization statistics."""
+    """Bytes held by the model's parameters and buffers, plus bitsandbytes' quantization statistics; a torchao
+    quantized tensor counts its inner tensors (int8 data, scales, zero points), not its nominal float size."""
     seen: set[int] = set()
     total = 0
 
@@ -111,7 +151,11 @@ def weight_bytes(model: nn.Module) -> int:
         nonlocal total
         if isinstance(t, torch.Tensor) and id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * t.element_size()
+            if _is_torchao(t):
+                for inner in t.__tensor_flatten__()[0]:
+                    add(getattr(t, inner))
+            else:
+                total += t.numel() * t.element_size()
 
     for t in list(model.parameters()) + list(model.buffers()):
         add(t)
@@ -143,7 +187,7 @@ def _base_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Replace the frozen base `nn.Linear` layers (not the output head) by bitsandbytes layers, in place.
+    """Replace the frozen base `nn.Linear` layers (not the output head) by quantized layers, in place.
 
     Works before or after `add_lora`; layers already quantized are left alone. GPT-2's Conv1D layers stay as they are.
     """
@@ -168,7 +212,7 @@ def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: torch.d
 
 
 def quantization_of(model: nn.Module) -> str | None:
-    """"nf4" or "int8" when the model's base has quantized linear layers, else None."""
+    """"nf4", "int8" or "int8-wo" when the model's base has quantized linear layers, else None."""
     for _, layer in _base_linears(model):
         method = quantization_method(layer)
         if method is not None:

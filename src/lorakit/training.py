@@ -117,7 +117,8 @@ class TrainConfig:
     base_dtype: str = "fp32"
     """bf16 casts the frozen base weights once (faster on CPUs with AMX); LoRA weights stay fp32."""
     quantize: str | None = None
-    """nf4 or int8: the frozen base's linear layers in bitsandbytes 4-/8-bit (QLoRA); LoRA weights stay fp32."""
+    """nf4 or int8: the frozen base's linear layers in bitsandbytes 4-/8-bit (QLoRA); int8-wo: torchao int8
+    weight-only. LoRA weights stay fp32."""
     gradient_checkpointing: bool = False
     malloc_mmap_threshold_kb: int = 0
     """CPU memory, opt-in: glibc serves blocks of at least this many KiB with mmap, so freed activations return to the
@@ -167,12 +168,15 @@ class TrainConfig:
                 out.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.metric not in METRICS:
             out.append(f"metric must be one of {METRICS}, got {self.metric!r}")
-        if self.quantize not in (None, "nf4", "int8"):
-            out.append(f"quantize must be nf4, int8 or null, got {self.quantize!r}")
+        if self.quantize not in (None, "nf4", "int8", "int8-wo"):
+            out.append(f"quantize must be nf4, int8, int8-wo or null, got {self.quantize!r}")
+        if self.lora.init == "loftq" and self.quantize == "int8-wo":
+            out.append("lora.init=loftq quantizes through bitsandbytes: use quantize nf4 or int8 with it, or another "
+                       "init with int8-wo")
         if self.lora.init == "loftq" and self.quantize is None:
             out.append("lora.init=loftq initialises the adapter for a quantized base: also set quantize (nf4 or int8)")
         bits = self.lora.loftq_config.get("loftq_bits")
-        if self.quantize and bits is not None and bits != {"nf4": 4, "int8": 8}[self.quantize]:
+        if self.quantize in ("nf4", "int8") and bits is not None and bits != {"nf4": 4, "int8": 8}[self.quantize]:
             out.append(f"lora.loftq_config.loftq_bits={bits} does not match quantize={self.quantize} (nf4: 4, int8: 8)")
         if self.distributed not in DISTRIBUTED:
             out.append(f"distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
