@@ -175,8 +175,8 @@ def merge(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     max_drift: float = typer.Option(1e-3, help="Largest allowed logit difference vs base+adapter."),
     force: bool = typer.Option(False, help="Write the merged model even if the drift exceeds --max-drift."),
-    quantize: Optional[str] = typer.Option(None, help="nf4, int8 or int8-wo: the adapter was trained on this quantized base; "
-                                                      "merge into its dequantized weights."),
+    quantize: Optional[str] = typer.Option(None, help="nf4, int8 or int8-wo: the adapter was trained on this "
+                                                      "quantized base; merge into its dequantized weights."),
 ) -> None:
     """Merge an adapter into its base and write a model folder AutoModelForCausalLM.from_pretrained loads."""
     from lorakit.export import merge_to_directory

@@ -135,8 +135,9 @@ def check_shardable(model: nn.Module) -> None:
     quantized = [n for n, p in model.named_parameters() if is_quantized_weight(p)]
     if getattr(model, "hf_quantizer", None) is not None or quantized:
         raise LorakitError(f"distributed: fsdp cannot shard this quantized base ({len(quantized)} quantized parameter "
-                           f"tensor(s), e.g. {quantized[:2]}; FSDP2 shards plain float tensors only, and bitsandbytes "
-                           "4/8-bit and torchao weights are not DTensor-compatible here). Use distributed: ddp (each rank holds the "
+                           f"tensor(s), e.g. {quantized[:2]}; FSDP2 shards float tensors only, bitsandbytes 4/8-bit "
+                           "weights are not DTensor-compatible, and lorakit does not shard torchao weights). Use "
+                           "distributed: ddp (each rank holds the "
                            "quantized base and the adapter is all-reduced) or fsdp with an unquantized or bf16 base (base_dtype: bf16).")
 
 

@@ -388,8 +388,9 @@ def merge_layer(layer: LoraLinear | LoraEmbedding, name: str) -> None:
     if is_quantized_weight(weight):
         raise LorakitError(f"Cannot merge into a quantized base ({type(layer.base_layer).__name__}, "
                            f"{_storage(weight)} weights): ΔW would be rounded away. Use "
-                           "lorakit.quantization.merge_quantized(model, ids) (dequantize, merge, save in 16/32-bit; reports the drift), `lorakit merge --quantize` "
-                           "for an adapter folder, or keep the adapter unmerged.")
+                           "lorakit.quantization.merge_quantized(model, ids) (dequantize, merge, save in 16/32-bit; "
+                           "reports the drift), `lorakit merge --quantize` for an adapter folder, or keep the adapter "
+                           "unmerged.")
     if name in getattr(layer, "lora_magnitude_vector", {}):
         layer.dora_merge(name)
     else:
