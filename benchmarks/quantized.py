@@ -1,14 +1,15 @@
 """Quantized frozen bases (QLoRA) on SmolLM2-135M: weight memory, training step time and logit drift, fp32 vs NF4 vs
-int8 (bitsandbytes).
+int8 (bitsandbytes) vs int8-wo (torchao int8 weight-only).
 
 Budget (defaults): LoRA r=8 alpha=16 dropout 0 on W_q,W_v (fp32 A/B); one fixed batch of 8 × 128 E2E tokens (every
-token supervised); AdamW; 1 warm-up step then 5 measured steps per base, median reported; 1 torch thread; ~7 minutes.
-The three models are held at once and step in turn (fp32, nf4, int8, fp32, ...) so that load from other processes
-on a shared machine hits them alike.
+token supervised); AdamW; 1 warm-up step then 5 measured steps per base, median reported; 1 torch thread; ~10 minutes.
+The four models are held at once and step in turn (fp32, nf4, int8, int8-wo, fp32, ...) so that load from other
+processes on a shared machine hits them alike.
 Weight memory is the bytes of the base model's parameters and buffers plus bitsandbytes' quantization statistics
-(absmax, codebooks), before LoRA is added. The output head / tied embeddings stay fp32 in every variant. Drift: the
-quantized base's logits vs the fp32 base's on 2 × 64 tokens in eval mode (max and mean |Δ|, and how often the top-1
-token agrees); bitsandbytes' int8 layer also rounds the activations to int8 there (in training mode it does not).
+(absmax, codebooks), or torchao's int8 data, scales and zero points, before LoRA is added. The output head / tied
+embeddings stay fp32 in every variant. Drift: the quantized base's logits vs the fp32 base's on 2 × 64 tokens in
+eval mode (max and mean |Δ|, and how often the top-1 token agrees); bitsandbytes' int8 layer also rounds the
+activations to int8 there (in training mode it does not); torchao's int8-wo keeps float activations in both.
 
     python benchmarks/quantized.py        # writes benchmarks/results/quantized.json + .md
 """
@@ -25,7 +26,7 @@ import lorakit as lk
 from lorakit.benchmark_data import load_e2e
 from lorakit.quantization import weight_bytes
 
-VARIANTS = (None, "nf4", "int8")
+VARIANTS = (None, "nf4", "int8", "int8-wo")
 
 
 def fixed_batch(tokenizer, data_dir: str, batch: int, seq: int) -> dict[str, torch.Tensor]:
@@ -104,8 +105,9 @@ def main() -> None:
                          warmup_steps=args.warmup, measured_steps=args.steps, threads=args.threads)
     header = ("# Quantized frozen base (QLoRA): weight memory, training step time, logit drift vs fp32\n\n"
               f"Budget: {budget}. bitsandbytes NF4 (double-quantized statistics, blocks of 64, fp32 compute) and "
-              "int8 (per-row absmax); the tied embeddings / output head stay fp32. Drift on 2×64 tokens, eval mode "
-              "(int8 activations for the int8 base).")
+              "int8 (per-row absmax); torchao int8-wo (Int8WeightOnlyConfig: int8 per-row weights, fp32 "
+              "activations); the tied embeddings / output head stay fp32. Drift on 2×64 tokens, eval mode "
+              "(int8 activations for the bitsandbytes int8 base).")
     write("quantized", args.out, {"benchmark": "quantized", "budget": budget, "args": vars(args), "results": rows},
           rows, ["weight_MiB", "weight_vs_fp32", "step_s_median", "step_vs_fp32", "max_logit_drift",
                  "mean_logit_drift", "top1_agree_pct"], header)
