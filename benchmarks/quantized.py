@@ -10,6 +10,8 @@ Weight memory is the bytes of the base model's parameters and buffers plus bitsa
 embeddings stay fp32 in every variant. Drift: the quantized base's logits vs the fp32 base's on 2 × 64 tokens in
 eval mode (max and mean |Δ|, and how often the top-1 token agrees); bitsandbytes' int8 layer also rounds the
 activations to int8 there (in training mode it does not); torchao's int8-wo keeps float activations in both.
+After the steps, `merge_quantized` merges each quantized model's trained adapter into its dequantized base (fp32)
+and reports the drift against the quantized base + adapter on the same tokens.
 
     python benchmarks/quantized.py        # writes benchmarks/results/quantized.json + .md
 """
@@ -24,7 +26,7 @@ from _common import base_parser, budget_line, set_threads, write
 
 import lorakit as lk
 from lorakit.benchmark_data import load_e2e
-from lorakit.quantization import weight_bytes
+from lorakit.quantization import merge_quantized, weight_bytes
 
 VARIANTS = (None, "nf4", "int8", "int8-wo")
 
@@ -96,6 +98,10 @@ def main() -> None:
     for name, stepper in steppers.items():
         rows[name].update(step_s_median=round(statistics.median(stepper.times), 3),
                           step_s_all=[round(t, 3) for t in stepper.times], losses=stepper.losses)
+        if name != "fp32":  # the trained adapter into the dequantized base (fp32), vs quantized base + adapter
+            _, report = merge_quantized(stepper.model.eval(), probe)
+            rows[name].update(merge_drift=float(f"{report.max_logit_diff:.3g}"),
+                              adapter_effect=round(report.adapter_effect, 4))
         print(f"  [{name}] {rows[name]}", flush=True)
     for name, row in rows.items():
         row["weight_vs_fp32"] = round(row["weight_MiB"] / rows["fp32"]["weight_MiB"], 3)
@@ -107,10 +113,13 @@ def main() -> None:
               f"Budget: {budget}. bitsandbytes NF4 (double-quantized statistics, blocks of 64, fp32 compute) and "
               "int8 (per-row absmax); torchao int8-wo (Int8WeightOnlyConfig: int8 per-row weights, fp32 "
               "activations); the tied embeddings / output head stay fp32. Drift on 2×64 tokens, eval mode "
-              "(int8 activations for the bitsandbytes int8 base).")
+              "(int8 activations for the bitsandbytes int8 base). merge_drift: max |logits| difference of "
+              "merge_quantized (the trained adapter merged into the dequantized base, fp32) vs quantized base + "
+              "adapter on the same tokens; adapter_effect: max |base + adapter − base| there.")
+    table = {n: {**r, "merge_drift": f"{r['merge_drift']:.2g}"} if "merge_drift" in r else r for n, r in rows.items()}
     write("quantized", args.out, {"benchmark": "quantized", "budget": budget, "args": vars(args), "results": rows},
-          rows, ["weight_MiB", "weight_vs_fp32", "step_s_median", "step_vs_fp32", "max_logit_drift",
-                 "mean_logit_drift", "top1_agree_pct"], header)
+          table, ["weight_MiB", "weight_vs_fp32", "step_s_median", "step_vs_fp32", "max_logit_drift",
+                 "mean_logit_drift", "top1_agree_pct", "merge_drift", "adapter_effect"], header)
 
 
 if __name__ == "__main__":
