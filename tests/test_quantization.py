@@ -30,8 +30,8 @@ RELATIVE_DRIFT = {"nf4": 0.25, "int8": 0.02, "int8-wo": 0.02}
 # weight (exact up to fp32 rounding; int8-wo measured 1.0e-7); bitsandbytes' int8 layer in eval mode also rounds the
 # activations to int8 (measured 1.9e-3 here, with an adapter effect of 0.22).
 MERGE_DRIFT = {"nf4": 1e-5, "int8": 1e-2, "int8-wo": 1e-5}
-# The quantized layer's class: bitsandbytes replaces the nn.Linear; torchao keeps it and quantizes its weight.
-LAYER_CLASS = {"nf4": "Linear4bit", "int8": "Linear8bitLt", "int8-wo": "Linear"}
+# The quantized layer's class: bitsandbytes' own, or lorakit's nn.Linear subclass holding a torchao Int8Tensor weight.
+LAYER_CLASS = {"nf4": "Linear4bit", "int8": "Linear8bitLt", "int8-wo": "Int8WeightOnlyLinear"}
 METHODS = ["nf4", "int8", pytest.param("int8-wo", marks=pytest.mark.skipif(
     importlib.util.find_spec("torchao") is None, reason="quantize='int8-wo' needs torchao"))]
 

@@ -3,7 +3,7 @@ dequantizing merges, LoftQ init.
 
 `quantize_model` swaps the frozen `nn.Linear` layers of a model (never the output head, never LoRA's own A/B or
 modules to save) for bitsandbytes `Linear4bit` (method "nf4": NF4, double-quantised statistics, as in the QLoRA paper)
-or `Linear8bitLt` (method "int8": LLM.int8), or keeps the `nn.Linear` and makes its weight a torchao `Int8Tensor`
+or `Linear8bitLt` (method "int8": LLM.int8), or for an `Int8WeightOnlyLinear` whose weight is a torchao `Int8Tensor`
 (method "int8-wo": int8 weight-only, one symmetric scale per output row; activations stay float). A `LoraLinear`
 wrapping such a layer runs the base through the layer's own forward and keeps A/B in fp32, so gradients reach the
 adapter only.
@@ -99,13 +99,38 @@ def quantize_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype =
     return q.to(linear.weight.device)  # bitsandbytes quantizes on the move to a device
 
 
+class _Int8WeightOnlyFunction(torch.autograd.Function):
+    """torchao's linear on the int8 weight, with a backward that keeps only the int8 weight for the input gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+        ctx.layer = layer
+        return torch.nn.functional.linear(x, layer.weight, layer.bias)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.layer.weight.dequantize(grad.dtype)  # (out, in), one layer's float copy at a time
+        return grad @ weight, None  # (..., in)
+
+
+class Int8WeightOnlyLinear(nn.Linear):
+    """An `nn.Linear` whose weight is a torchao `Int8Tensor` (int8, one symmetric scale per output row).
+
+    torchao's own linear computes x·int8(W)ᵀ in the activation dtype, times the row scales, with plain torch ops, so
+    autograd would save a float copy of every weight for the input gradient: training would hold the fp32 weights
+    again until backward. This forward gives the same outputs and rebuilds the float weight in backward instead.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Int8WeightOnlyFunction.apply(x, self)
+
+
 def _torchao_linear(linear: nn.Linear, compute_dtype: torch.dtype, weight: torch.Tensor | None) -> nn.Linear:
-    """An `nn.Linear` whose weight is a torchao `Int8Tensor` (int8 per output row, symmetric), computing in
-    `compute_dtype`: torchao's linear dequantizes the weight and runs a float matmul, so gradients reach the input."""
+    """An `Int8WeightOnlyLinear` copy of `linear`, frozen, computing in `compute_dtype`."""
     ao = _torchao()
     w = (linear.weight if weight is None else weight).detach()
-    q = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w.device,
-                  dtype=compute_dtype)
+    q = Int8WeightOnlyLinear(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w.device,
+                             dtype=compute_dtype)
     with torch.no_grad():
         q.weight.copy_(w)
         if linear.bias is not None:
