@@ -11,7 +11,9 @@ embeddings stay fp32 in every variant. Drift: the quantized base's logits vs the
 eval mode (max and mean |Δ|, and how often the top-1 token agrees); bitsandbytes' int8 layer also rounds the
 activations to int8 there (in training mode it does not); torchao's int8-wo keeps float activations in both.
 After the steps, `merge_quantized` merges each quantized model's trained adapter into its dequantized base (fp32)
-and reports the drift against the quantized base + adapter on the same tokens.
+and reports the drift against the quantized base + adapter on the same tokens. held_for_backward_MiB: what autograd
+keeps for backward in one training forward beyond the model's parameters (activations, and for torchao's own linear
+a float copy of each weight; the extra row "int8-wo torchao-linear" runs the same int8 weights through it).
 
     python benchmarks/quantized.py        # writes benchmarks/results/quantized.json + .md
 """
@@ -28,7 +30,44 @@ import lorakit as lk
 from lorakit.benchmark_data import load_e2e
 from lorakit.quantization import merge_quantized, weight_bytes
 
-VARIANTS = (None, "nf4", "int8", "int8-wo")
+# row name -> quantize argument; "int8-wo torchao-linear" is torchao's own nn.Linear forward on the same int8 weights,
+# to show what lorakit's Int8WeightOnlyLinear backward saves.
+VARIANTS = {"fp32": None, "nf4": "nf4", "int8": "int8", "int8-wo": "int8-wo", "int8-wo torchao-linear": "torchao"}
+
+
+def load(quantize: str | None):
+    if quantize != "torchao":
+        return lk.load_model("smollm2-135m", quantize=quantize)
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model, tokenizer = lk.load_model("smollm2-135m")
+    quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False),
+              filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) and name != "lm_head")
+    return model, tokenizer
+
+
+def held_for_backward_mib(model, batch: dict[str, torch.Tensor]) -> float:
+    """MiB of the tensors autograd keeps for backward in one forward, beyond the model's own parameters."""
+    own = set()
+    for p in model.parameters():
+        try:
+            own.add(p.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # a torchao wrapper tensor has no storage of its own
+            pass
+    held: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return t  # a wrapper tensor (a quantized weight the model already holds)
+        if storage.data_ptr() not in own:
+            held[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch).loss  # noqa: B018  (the graph is dropped at once)
+    return round(sum(held.values()) / 2**20, 1)
 
 
 def fixed_batch(tokenizer, data_dir: str, batch: int, seq: int) -> dict[str, torch.Tensor]:
@@ -73,10 +112,9 @@ def main() -> None:
     set_threads(args.threads)
 
     rows, steppers, reference = {}, {}, None
-    for quantize in VARIANTS:
-        name = quantize or "fp32"
+    for name, quantize in VARIANTS.items():
         t0 = time.perf_counter()
-        model, tokenizer = lk.load_model("smollm2-135m", quantize=quantize)
+        model, tokenizer = load(quantize)
         load_s = time.perf_counter() - t0
         batch = fixed_batch(tokenizer, args.data_dir, args.batch_size, args.seq)
         probe = batch["input_ids"][:2, :64]
@@ -97,7 +135,8 @@ def main() -> None:
             print(f"  round {i + 1}: {name} {stepper.times[-1] if stepper.times else 0:.1f} s", flush=True)
     for name, stepper in steppers.items():
         rows[name].update(step_s_median=round(statistics.median(stepper.times), 3),
-                          step_s_all=[round(t, 3) for t in stepper.times], losses=stepper.losses)
+                          step_s_all=[round(t, 3) for t in stepper.times], losses=stepper.losses,
+                          held_for_backward_MiB=held_for_backward_mib(stepper.model, stepper.batch))
         if name != "fp32":  # the trained adapter into the dequantized base (fp32), vs quantized base + adapter
             _, report = merge_quantized(stepper.model.eval(), probe)
             rows[name].update(merge_drift=float(f"{report.max_logit_diff:.3g}"),
@@ -107,7 +146,8 @@ def main() -> None:
         row["weight_vs_fp32"] = round(row["weight_MiB"] / rows["fp32"]["weight_MiB"], 3)
         row["step_vs_fp32"] = round(row["step_s_median"] / rows["fp32"]["step_s_median"], 2)
 
-    budget = budget_line(model="SmolLM2-135M", lora="r=8 alpha=16 q_proj,v_proj fp32", batch=f"{args.batch_size}×{args.seq}",
+    budget = budget_line(model="SmolLM2-135M", lora="r=8 alpha=16 q_proj,v_proj fp32",
+                         batch=f"{args.batch_size}×{args.seq}",
                          warmup_steps=args.warmup, measured_steps=args.steps, threads=args.threads)
     header = ("# Quantized frozen base (QLoRA): weight memory, training step time, logit drift vs fp32\n\n"
               f"Budget: {budget}. bitsandbytes NF4 (double-quantized statistics, blocks of 64, fp32 compute) and "
@@ -115,11 +155,15 @@ def main() -> None:
               "activations); the tied embeddings / output head stay fp32. Drift on 2×64 tokens, eval mode "
               "(int8 activations for the bitsandbytes int8 base). merge_drift: max |logits| difference of "
               "merge_quantized (the trained adapter merged into the dequantized base, fp32) vs quantized base + "
-              "adapter on the same tokens; adapter_effect: max |base + adapter − base| there.")
+              "adapter on the same tokens; adapter_effect: max |base + adapter − base| there. held_for_backward_MiB: "
+              "tensors autograd keeps for backward in one training forward, beyond the model's parameters "
+              "(bitsandbytes' autograd functions keep their quantized weights outside this count). int8-wo "
+              "torchao-linear: the same int8 weights with torchao's own linear instead of lorakit's "
+              "Int8WeightOnlyLinear.")
     table = {n: {**r, "merge_drift": f"{r['merge_drift']:.2g}"} if "merge_drift" in r else r for n, r in rows.items()}
     write("quantized", args.out, {"benchmark": "quantized", "budget": budget, "args": vars(args), "results": rows},
-          table, ["weight_MiB", "weight_vs_fp32", "step_s_median", "step_vs_fp32", "max_logit_drift",
-                 "mean_logit_drift", "top1_agree_pct", "merge_drift", "adapter_effect"], header)
+          table, ["weight_MiB", "weight_vs_fp32", "held_for_backward_MiB", "step_s_median", "step_vs_fp32",
+                  "max_logit_drift", "mean_logit_drift", "top1_agree_pct", "merge_drift", "adapter_effect"], header)
 
 
 if __name__ == "__main__":
