@@ -39,8 +39,8 @@ class MergeReport:
     """‖round(W + ΔW) − round(W) − ΔW‖ / ‖ΔW‖ over the merged weights: the share of ΔW lost to rounding."""
     forced: bool
     quantize: str | None = None
-    """The quantized base (nf4 / int8) the adapter was trained on and the reference ran on; its dequantized weights
-    are what the adapter was merged into."""
+    """The quantized base (nf4 / int8 / int8-wo) the adapter was trained on and the reference ran on; its dequantized
+    weights are what the adapter was merged into."""
 
     def __str__(self) -> str:
         base = f"{self.quantize} base+adapter" if self.quantize else "base+adapter"
@@ -104,8 +104,9 @@ def merge_to_directory(model: str, adapter: str | os.PathLike, out: str | os.Pat
     """Load `model` (fp32) with the adapter folder `adapter`, merge, and write a plain model folder `out` in `dtype`.
 
     Refuses (LorakitError, nothing written) when the merged logits drift more than `max_drift` from base+adapter,
-    unless `force`. `quantize` (nf4 / int8): the adapter was trained on that quantized base (QLoRA); the base is
-    quantized the same way, the reference logits come from it, and the adapter is merged into its dequantized weights.
+    unless `force`. `quantize` (nf4 / int8 / int8-wo): the adapter was trained on that quantized base (QLoRA); the
+    base is quantized the same way, the reference logits come from it, and the adapter is merged into its dequantized
+    weights.
     """
     if dtype not in DTYPES:
         raise LorakitError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
