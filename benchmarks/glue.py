@@ -13,6 +13,9 @@ Writes benchmarks/results/glue.{json,md,png}.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import _common as C
 import torch
 from lorakit import LoraConfig
@@ -55,26 +58,51 @@ def main() -> None:
         parser.add_argument(f"--lr-{method}", type=float, default=lr)
     parser.add_argument("--name", default="glue", help="results file stem under --out (e.g. to keep runs with other "
                                                          "settings next to glue.*)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of an earlier <name>.json with the same settings and add this run's")
     args = parser.parse_args()
     C.set_threads(args.threads)
     tasks = args.tasks.split(",")
     methods = args.methods.split(",")
-    budget = C.budget_line(tasks=len(tasks), methods=len(methods), steps=args.steps if not args.full_size else "10 epochs",
-                           batch=args.batch_size, precision="bf16 autocast" if args.bf16 else "fp32")
-    print(f"Budget: {budget}", flush=True)
-    rows = {}
+    rows = earlier_rows(args)
+    print(f"Budget: {budget(args, [f'{t} {m}' for t in tasks for m in methods])}", flush=True)
     for task in tasks:
         for method in methods:
             rows[f"{task} {method}"] = run(args, task, method)
-            write(args, budget, rows)  # after every run, so a stopped run keeps what it measured
+            write(args, budget(args, rows), rows)  # after every run, so a stopped run keeps what it measured
 
 
-def write(args, budget: str, rows: dict) -> None:
+SETTINGS = ["seed", "steps", "batch_size", "train_examples", "full_size", "bf16", "lr_lora", "lr_full"]
+
+
+def earlier_rows(args) -> dict:
+    """With --merge: the rows of <out>/<name>.json if it was measured with the same settings (else an error)."""
+    path = Path(args.out) / f"{args.name}.json"
+    if not args.merge or not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    before, now = old["args"], vars(args)
+    diff = ", ".join(f"{k} {before.get(k)} vs {now.get(k)}" for k in SETTINGS if before.get(k) != now.get(k))
+    if diff:
+        raise SystemExit(f"--merge: {path} was measured with different settings ({diff}); "
+                         "run with the same settings or without --merge")
+    return old["results"]
+
+
+def budget(args, rows) -> str:
+    """The budget line, counting the tasks and methods of `rows` (keys "<task> <method>")."""
+    tasks, methods = ({key.split()[i] for key in rows} for i in (0, 1))
+    return C.budget_line(tasks=len(tasks), methods=len(methods),
+                         steps=args.steps if not args.full_size else "10 epochs", batch=args.batch_size,
+                         precision="bf16 autocast" if args.bf16 else "fp32")
+
+
+def write(args, budget_text: str, rows: dict) -> None:
     columns = ["trainable_params", "trainable_pct", "accuracy", "f1", "matthews", "pearson", "spearman",
                "final_loss", "train_seconds"]
-    header = (f"# GLUE, all-MiniLM-L6-v2, LoRA vs full fine-tuning (validation half)\n\nBudget: {budget}. "
+    header = (f"# GLUE, all-MiniLM-L6-v2, LoRA vs full fine-tuning (validation half)\n\nBudget: {budget_text}. "
               f"lr: lora {args.lr_lora}, full {args.lr_full}. Metrics ×100.")
-    C.write(args.name, args.out, {"benchmark": "glue", "budget": budget, "args": vars(args), "results": rows}, rows,
+    C.write(args.name, args.out, {"benchmark": "glue", "budget": budget_text, "args": vars(args), "results": rows}, rows,
             columns, header)
     main_metric = {k: {"score": v.get(GLUE_TASKS[k.split()[0]].metrics[0])} for k, v in rows.items()}
     C.plot_metric_bars(main_metric, ["score"], f"{args.out}/{args.name}.png", "GLUE (main metric per task)")

@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import _common as C  # noqa: E402
 import ablation_targets  # noqa: E402
+import glue  # noqa: E402
 
 # SmolLM2-135M: hidden 576, grouped-query attention with 3 KV heads × 64, 30 layers
 SHAPES = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576)}
@@ -53,3 +54,20 @@ def test_merge_and_reuse_keep_rows_only_from_the_same_settings(tmp_path):
     assert row == "r=4" and values == {"bleu": 2.0, "reused_from": "e2e.json:lora"}
     with pytest.raises(SystemExit, match="lr_lora"):
         C.reused_row(_args(tmp_path, lr=5e-3), f"r=4={tmp_path / 'e2e.json'}:lora")
+
+
+def test_glue_merge_keeps_rows_only_from_the_same_settings_and_counts_them_in_the_budget(tmp_path):
+    def args(**over):
+        base = {"seed": 0, "steps": 60, "batch_size": 16, "train_examples": None, "full_size": False, "bf16": False,
+                "lr_lora": 5e-3, "lr_full": 5e-5, "out": str(tmp_path), "name": "glue_x", "merge": True}
+        return argparse.Namespace(**{**base, **over})
+
+    rows = {"sst2 lora": {"accuracy": 79.1}, "rte lora": {"accuracy": 50.4}}
+    (tmp_path / "glue_x.json").write_text(json.dumps({"args": vars(args()), "results": rows}))
+    assert glue.earlier_rows(args()) == rows
+    assert glue.earlier_rows(args(merge=False)) == {}
+    with pytest.raises(SystemExit, match="lr_lora 0.005 vs 0.001"):
+        glue.earlier_rows(args(lr_lora=1e-3))
+    with pytest.raises(SystemExit, match="steps"):
+        glue.earlier_rows(args(steps=150))
+    assert glue.budget(args(), {**rows, "cola lora": {}, "cola full": {}}).startswith("tasks 3, methods 2, steps 60")
