@@ -288,6 +288,9 @@ def write_e2e(name: str, args: argparse.Namespace, budget: str, rows: dict[str, 
     """The E2E scripts' results: <name>.json, <name>.md and a bar chart <name>.png."""
     header = (f"{header}\n\nBudget: {budget}.\nBLEU, METEOR, ROUGE-L ×100; NIST, CIDEr raw "
               "(implementations: src/lorakit/evaluation.py).")
+    reused = [f"{row} = {values['reused_from']}" for row, values in rows.items() if "reused_from" in values]
+    if reused:
+        header += f"\nReused from earlier runs with the same settings (checked), not trained again: {', '.join(reused)}."
     write(name, args.out, {"benchmark": name, "budget": budget, "args": vars(args), "results": rows}, rows,
           E2E_COLUMNS, header)
     plot_metric_bars(rows, ["bleu", "rouge_l", "meteor"], f"{args.out}/{name}.png", plot_title)

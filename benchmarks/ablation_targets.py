@@ -48,11 +48,19 @@ def main() -> None:
         targets, r = SETTINGS[name]
         lora = LoraConfig(r=r, alpha=args.alpha, target_modules=targets)
         rows[f"{name} (r={r})"] = C.e2e_run(args, "lora", args.lr, lora, tag=name)
-        ordered = {k: rows[k] for k in (f"{n} (r={SETTINGS[n][1]})" for n in SETTINGS) if k in rows}
-        C.write_e2e("ablation_targets", args, C.e2e_budget(args, runs=len(ordered)), ordered,  # after every run
-                    f"# Which weights to adapt at a fixed budget (Table 5), SmolLM2-135M-Instruct, E2E dev subset\n\n"
-                    f"alpha {args.alpha}, lr {args.lr}. Ranks chosen so every setting trains ~230k parameters "
-                    "(W_k, W_v are 576→192 under grouped-query attention).", "E2E dev subset vs adapted weights (equal budget)")
+        write(args, rows)  # after every run, so a stopped run keeps what it measured
+    if not chosen:
+        write(args, rows)
+
+
+def write(args, rows: dict) -> None:
+    ordered = {k: rows[k] for k in (f"{n} (r={SETTINGS[n][1]})" for n in SETTINGS) if k in rows}
+    if not ordered:
+        raise SystemExit("nothing to write: give --settings and/or --reuse/--merge")
+    C.write_e2e("ablation_targets", args, C.e2e_budget(args, runs=len(ordered)), ordered,
+                f"# Which weights to adapt at a fixed budget (Table 5), SmolLM2-135M-Instruct, E2E dev subset\n\n"
+                f"alpha {args.alpha}, lr {args.lr}. Ranks chosen so every setting trains ~230k parameters "
+                "(W_k, W_v are 576→192 under grouped-query attention).", "E2E dev subset vs adapted weights (equal budget)")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,14 @@ def budget(args, rows) -> str:
                          precision="bf16 autocast" if args.bf16 else "fp32")
 
 
+def ordered(rows: dict) -> dict:
+    """Rows "<task> <method>" in GLUE_TASKS order, then lora before full, whatever order they were measured in."""
+    tasks, methods = list(GLUE_TASKS), list(LR)
+    return dict(sorted(rows.items(), key=lambda kv: (tasks.index(kv[0].split()[0]), methods.index(kv[0].split()[1]))))
+
+
 def write(args, budget_text: str, rows: dict) -> None:
+    rows = ordered(rows)
     columns = ["trainable_params", "trainable_pct", "accuracy", "f1", "matthews", "pearson", "spearman",
                "final_loss", "train_seconds"]
     header = (f"# GLUE, all-MiniLM-L6-v2, LoRA vs full fine-tuning (validation half)\n\nBudget: {budget_text}. "

@@ -71,3 +71,14 @@ def test_glue_merge_keeps_rows_only_from_the_same_settings_and_counts_them_in_th
     with pytest.raises(SystemExit, match="steps"):
         glue.earlier_rows(args(steps=150))
     assert glue.budget(args(), {**rows, "cola lora": {}, "cola full": {}}).startswith("tasks 3, methods 2, steps 60")
+    assert list(glue.ordered({"stsb full": {}, "cola lora": {}, "sst2 full": {}, "stsb lora": {}})) == [
+        "sst2 full", "cola lora", "stsb lora", "stsb full"]
+
+
+def test_e2e_markdown_names_the_reused_rows(tmp_path):
+    rows = {"r=2": {"bleu": 62.0}, "r=4": {"bleu": 61.5, "reused_from": "e2e_nlg.json:lora"}}
+    C.write_e2e("rank_x", _args(tmp_path), "steps 30", rows, "# Rank", "title")
+    md = (tmp_path / "rank_x.md").read_text()
+    assert "not trained again: r=4 = e2e_nlg.json:lora." in md
+    assert "| r=4 | – | – | 61.50 |" in md
+    assert json.loads((tmp_path / "rank_x.json").read_text())["results"] == rows
