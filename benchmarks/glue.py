@@ -31,7 +31,7 @@ def run(args, task: str, method: str) -> dict:
     torch.manual_seed(args.seed)
     model, tokenizer = load_model("minilm-l6", task="seq-cls", num_labels=GLUE_TASKS[task].num_labels)
     C.prepare(model, method, LoraConfig(r=8, alpha=16, target_modules=["query", "value"],
-                                        modules_to_save=["classifier"]))
+                                        modules_to_save=args.lora_heads.split(",")))
     trainable, total = C.trainable_count(model)
     row = {"trainable_params": trainable, "trainable_pct": C.pct(trainable, total), "lr": getattr(args, f"lr_{method}")}
     steps = args.steps
@@ -58,6 +58,9 @@ def main() -> None:
         parser.add_argument(f"--lr-{method}", type=float, default=lr)
     parser.add_argument("--name", default="glue", help="results file stem under --out (e.g. to keep runs with other "
                                                          "settings next to glue.*)")
+    parser.add_argument("--lora-heads", default="classifier",
+                        help="modules LoRA trains fully (modules_to_save), e.g. classifier,pooler: BERT's [CLS] pooler "
+                             "is outside `classifier`, while the paper's RoBERTa head holds that dense layer")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of an earlier <name>.json with the same settings and add this run's")
     args = parser.parse_args()
@@ -72,7 +75,8 @@ def main() -> None:
             write(args, budget(args, rows), rows)  # after every run, so a stopped run keeps what it measured
 
 
-SETTINGS = ["seed", "steps", "batch_size", "train_examples", "full_size", "bf16", "lr_lora", "lr_full"]
+SETTINGS = ["seed", "steps", "batch_size", "train_examples", "full_size", "bf16", "lr_lora", "lr_full", "lora_heads"]
+OLDER = {"lora_heads": "classifier"}  # settings that results files written before the option existed had implicitly
 
 
 def earlier_rows(args) -> dict:
@@ -81,7 +85,7 @@ def earlier_rows(args) -> dict:
     if not args.merge or not path.exists():
         return {}
     old = json.loads(path.read_text())
-    before, now = old["args"], vars(args)
+    before, now = {**OLDER, **old["args"]}, vars(args)
     diff = ", ".join(f"{k} {before.get(k)} vs {now.get(k)}" for k in SETTINGS if before.get(k) != now.get(k))
     if diff:
         raise SystemExit(f"--merge: {path} was measured with different settings ({diff}); "
@@ -108,7 +112,8 @@ def write(args, budget_text: str, rows: dict) -> None:
     columns = ["trainable_params", "trainable_pct", "accuracy", "f1", "matthews", "pearson", "spearman",
                "final_loss", "train_seconds"]
     header = (f"# GLUE, all-MiniLM-L6-v2, LoRA vs full fine-tuning (validation half)\n\nBudget: {budget_text}. "
-              f"lr: lora {args.lr_lora}, full {args.lr_full}. Metrics ×100.")
+              f"lr: lora {args.lr_lora}, full {args.lr_full}. LoRA r=8 on query,value; trained fully with it: "
+              f"{args.lora_heads}. Metrics ×100.")
     C.write(args.name, args.out, {"benchmark": "glue", "budget": budget_text, "args": vars(args), "results": rows}, rows,
             columns, header)
     main_metric = {k: {"score": v.get(GLUE_TASKS[k.split()[0]].metrics[0])} for k, v in rows.items()}

@@ -59,12 +59,16 @@ def test_merge_and_reuse_keep_rows_only_from_the_same_settings(tmp_path):
 def test_glue_merge_keeps_rows_only_from_the_same_settings_and_counts_them_in_the_budget(tmp_path):
     def args(**over):
         base = {"seed": 0, "steps": 60, "batch_size": 16, "train_examples": None, "full_size": False, "bf16": False,
-                "lr_lora": 5e-3, "lr_full": 5e-5, "out": str(tmp_path), "name": "glue_x", "merge": True}
+                "lr_lora": 5e-3, "lr_full": 5e-5, "lora_heads": "classifier", "out": str(tmp_path), "name": "glue_x",
+                "merge": True}
         return argparse.Namespace(**{**base, **over})
 
     rows = {"sst2 lora": {"accuracy": 79.1}, "rte lora": {"accuracy": 50.4}}
-    (tmp_path / "glue_x.json").write_text(json.dumps({"args": vars(args()), "results": rows}))
+    older = {k: v for k, v in vars(args()).items() if k != "lora_heads"}  # written before --lora-heads existed
+    (tmp_path / "glue_x.json").write_text(json.dumps({"args": older, "results": rows}))
     assert glue.earlier_rows(args()) == rows
+    with pytest.raises(SystemExit, match="lora_heads classifier vs classifier,pooler"):
+        glue.earlier_rows(args(lora_heads="classifier,pooler"))
     assert glue.earlier_rows(args(merge=False)) == {}
     with pytest.raises(SystemExit, match="lr_lora 0.005 vs 0.001"):
         glue.earlier_rows(args(lr_lora=1e-3))
