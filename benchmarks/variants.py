@@ -6,7 +6,7 @@ so its peak RSS is its own.
   lora         plain LoRA (Kaiming A, zero B)
   dora         + use_dora (magnitude vector; weight norm recomputed every forward)
   pissa        init="pissa" (top-4 SVD of W in B, A; the frozen base keeps the residual)
-  qlora-nf4    plain LoRA on a 4-bit NF4 base — needs the quantized base (issue 7b); refused until load_model has it
+  qlora-nf4    plain LoRA on a 4-bit NF4 base (bitsandbytes, `load_model(quantize="nf4")`)
 
 Default budget (1 thread, modest): 30 steps × batch 8, the first 24 dev MRs, greedy decoding, 32 new tokens at most.
 Writes benchmarks/results/variants.{json,md,png}.
