@@ -21,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 
+from lorakit.hardware import cpu_info, cpu_line  # noqa: E402
 from lorakit import LoraConfig, add_lora  # noqa: E402
 from lorakit.benchmark_data import DEFAULT_DATA_DIR, load_e2e, load_glue  # noqa: E402,F401
 from lorakit.evaluation import e2e_prompt, results_table  # noqa: E402
@@ -148,7 +149,7 @@ def glue_batches(tokenizer, task: str, data_dir: str, examples: int, batch_size:
 # ---------------------------------------------------------------------------------------------------- results
 def environment() -> dict[str, Any]:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "machine": platform.machine(), "cpu": cpu_info(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def write(name: str, out: str | Path, report: dict[str, Any], table_rows: dict[str, dict[str, Any]],
@@ -157,7 +158,9 @@ def write(name: str, out: str | Path, report: dict[str, Any], table_rows: dict[s
     out = Path(out)
     report = {**report, "environment": environment()}
     atomic_write_text(out / f"{name}.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(out / f"{name}.md", header.rstrip() + "\n\n" + results_table(table_rows, columns))
+    header = header.rstrip() + "\n\n" + cpu_line()
+    atomic_write_text(out / f"{name}.md", header + "\n\n" + results_table(table_rows, columns))
+    print(cpu_line())
     print(results_table(table_rows, columns))
 
 

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from lorakit.hardware import cpu_info, cpu_line  # noqa: E402
 WORDS = "the a cat dog bird fish tree house car road city river sky sun moon star red blue green big small".split()
 
 
@@ -69,6 +71,8 @@ def main() -> None:
     report = {"model": args.model, "steps": args.steps, "global_batch": args.batch, "seq": args.seq,
               "load_average_at_start": load, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
+    report["cpu"] = cpu_info()
+    print(cpu_line())
     (RESULTS / "distributed.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"{args.model}, global batch {args.batch} x {args.seq} tokens, {args.steps} steps, load average at start "
           f"{load[0]:.2f}\n")

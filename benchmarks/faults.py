@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT.parent / "tests"))
 sys.path.insert(0, str(ROOT.parent / "src"))
 
 import fault_worker as fw  # noqa: E402
+from lorakit.hardware import cpu_info, cpu_line  # noqa: E402
 from lorakit.fsutil import atomic_write_text  # noqa: E402
 
 
@@ -50,6 +51,8 @@ def main() -> None:
     print("| kills injected | kills landed (process still running) | runs | final adapter == uninterrupted | wall s |")
     print("|---|---|---|---|---|")
     print(f"| {counts['kills_injected']} | {counts['kills_landed']} | {counts['runs']} | {equal} | {wall:.0f} |")
+    result["cpu"] = cpu_info()
+    print(cpu_line())
     atomic_write_text(Path(args.out) / "faults.json", json.dumps(result, indent=2) + "\n")
     if not equal:
         raise SystemExit("FAILED: the resumed adapter differs from the uninterrupted run")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.hardware import cpu_info, cpu_line  # noqa: E402
 import lorakit as lk
 from baselines import add_adapter_layers
 
@@ -104,6 +105,8 @@ def main() -> None:
               "note": "shared 2-core machine, other jobs running: medians of paired ratios, not absolute speeds",
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    result["cpu"] = cpu_info()
+    print(cpu_line())
     lk.fsutil.atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
 
     print(f"LoRA r={args.rank} q,v: {params['lora']:,} params; adapter layers d={args.bottleneck}: "

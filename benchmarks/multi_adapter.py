@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.hardware import cpu_info, cpu_line  # noqa: E402
 import lorakit as lk
 from lorakit.inference import Row, Sampling, encode_prompt, generate_rows
 
@@ -124,6 +125,8 @@ def main() -> None:
               "note": "shared 2-core machine with other jobs running: medians and ratios, not absolute speeds",
               "rows": rows_out}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    result["cpu"] = cpu_info()
+    print(cpu_line())
     lk.fsutil.atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
 
     print(f"load average at end: {os.getloadavg()[0]:.2f} (shared machine)")

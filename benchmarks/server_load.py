@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "tests"))
 sys.path.insert(0, str(ROOT.parent / "src"))
 
+from lorakit.hardware import cpu_info, cpu_line  # noqa: E402
 import lorakit as lk  # noqa: E402
 from lorakit.adapter_io import WEIGHTS_FILE  # noqa: E402
 from lorakit.fsutil import atomic_write_text  # noqa: E402
@@ -256,6 +257,8 @@ def run(clients: int, seconds: float, seed: int = 0, rss_bound_mb: float = 150.0
           f"{c['malformed answered as expected']} | {rss[0]:.0f}→{max(rss):.0f}→{rss[-1]:.0f} | {result['evictions']} |")
     if out:
         name = "server_load.json" if real is None else f"server_load_{real}.json"
+        result["cpu"] = cpu_info()
+        print(cpu_line())
         atomic_write_text(Path(out) / name, json.dumps(result, indent=2) + "\n")
     return result
 

@@ -43,6 +43,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "src"))
+from lorakit.hardware import cpu_info, cpu_line  # noqa: E402  (children set their own THP_MEM_ALLOC_ENABLE)
 TARGETS = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
 
 
@@ -384,8 +386,10 @@ def write(results: dict, out: Path) -> None:
               f"{inf['set_adapter_us']:.0f} µs; merge+unmerge {inf['merge_unmerge_ms']:.1f} ms."]
     text = "\n".join(lines)
     print(text)
+    results["cpu"] = cpu_info()
+    print(cpu_line())
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text("# Training speed (benchmarks/train_speed.py)\n\n" + text + "\n")
+    out.with_suffix(".md").write_text("# Training speed (benchmarks/train_speed.py)\n\n" + cpu_line() + "\n\n" + text + "\n")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ if not os.environ.get("OMP_NUM_THREADS"):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, hidden_size: int = 32, intermediate_size: int = 48):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(vocab_size=97, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=2,
+                      num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg).eval()
 
@@ -36,6 +37,12 @@ def tiny_bert(seed: int = 0, num_labels: int = 3):
     cfg = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                      max_position_embeddings=64, num_labels=num_labels)
     return BertForSequenceClassification(cfg).eval()
+
+
+def quantizable_llama(seed: int = 0):
+    """The tiny Llama at widths real quantization kernels accept: every base linear's input width a multiple of
+    bitsandbytes' NF4 block (64) and every output width a multiple of 32 (its AVX512-BF16 CPU kernel's row block)."""
+    return tiny_llama(seed, hidden_size=64, intermediate_size=128)
 
 
 MODEL_FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}

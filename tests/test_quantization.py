@@ -14,7 +14,7 @@ from torch import nn
 pytest.importorskip("bitsandbytes")
 
 import lorakit as lk  # noqa: E402
-from conftest import randomize_lora_B, tiny_llama  # noqa: E402
+from conftest import quantizable_llama, randomize_lora_B, tiny_llama as tiny_llama_with  # noqa: E402
 from lorakit.errors import LorakitError  # noqa: E402
 from lorakit.export import merge_to_directory  # noqa: E402
 from lorakit.quantization import (dequantize_weight, loftq_init, merge_quantized, quantization_of,  # noqa: E402
@@ -48,9 +48,9 @@ def logits(model, ids):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_quantized_base_is_close_to_fp32_trains_lora_only_and_disabled_is_the_quantized_base(method, ids):
-    fp32 = tiny_llama()
+    fp32 = quantizable_llama()
     reference = logits(fp32, ids)
-    model = quantize_model(tiny_llama(), method)
+    model = quantize_model(quantizable_llama(), method)
     attn = model.model.layers[0].self_attn
     assert type(attn.q_proj).__name__ == LAYER_CLASS[method] and quantization_of(model) == method
     assert type(model.lm_head) is nn.Linear  # the output head stays full precision
@@ -63,7 +63,7 @@ def test_quantized_base_is_close_to_fp32_trains_lora_only_and_disabled_is_the_qu
 
     lk.add_lora(model, lk.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     layer = model.model.layers[0].self_attn.q_proj
-    assert (layer.in_features, layer.out_features) == (32, 32)  # from the layer, not the packed weight
+    assert (layer.in_features, layer.out_features) == (64, 64)  # from the layer, not the packed weight
     randomize_lora_B(model, std=0.05)
     with lk.disable_adapters(model):
         assert torch.equal(logits(model, ids), quantized)  # exactly the quantized base
@@ -75,7 +75,7 @@ def test_quantized_base_is_close_to_fp32_trains_lora_only_and_disabled_is_the_qu
 
 
 def test_lora_weights_in_a_chosen_dtype_on_a_quantized_base(ids):
-    model = quantize_model(tiny_llama(), "nf4")
+    model = quantize_model(quantizable_llama(), "nf4")
     lk.add_lora(model, lk.LoraConfig(r=4, alpha=8), dtype=torch.bfloat16)
     randomize_lora_B(model, std=0.05)
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
@@ -100,7 +100,7 @@ def test_qlora_training_lowers_the_loss_like_fp32_lora_and_the_adapter_loads_on_
         config = TrainConfig.from_dict({"output_dir": str(tmp_path / name), "tensorboard": False, "progress": False,
                                         "quantize": quantize, "data": {"train_file": str(data_file)},
                                         "optim": {"lr": 5e-2, "batch_size": 5, "epochs": 3, "warmup_steps": 1}})
-        model = lk.add_lora(tiny_llama(), lk.LoraConfig(r=4, alpha=8))
+        model = lk.add_lora(quantizable_llama(), lk.LoraConfig(r=4, alpha=8))
         result = train(config, model, tiny_tokenizer())
         return model, result, [r["loss"] for r in result.history if "loss" in r]
 
@@ -112,8 +112,8 @@ def test_qlora_training_lowers_the_loss_like_fp32_lora_and_the_adapter_loads_on_
     meta = json.loads((result.adapter_dir / "lorakit.json").read_text())
     assert meta["base_fingerprint"]["quantization"] == "nf4"
     with pytest.warns(UserWarning, match="trained on a nf4 base"):  # the fp32 base differs by design
-        lk.load_adapter(tiny_llama(), result.adapter_dir)
-    nf4 = quantize_model(tiny_llama(), "nf4")
+        lk.load_adapter(quantizable_llama(), result.adapter_dir)
+    nf4 = quantize_model(quantizable_llama(), "nf4")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # same quantized base: the fingerprint matches exactly
         lk.load_adapter(nf4, result.adapter_dir)
@@ -122,7 +122,7 @@ def test_qlora_training_lowers_the_loss_like_fp32_lora_and_the_adapter_loads_on_
 def test_cli_train_quantize_int8_with_loftq_init_and_bad_settings(tmp_path, data_file, capsys):
     from lorakit.cli import main
 
-    model_dir = save_tiny_lm(tmp_path / "tiny")
+    model_dir = save_tiny_lm(tmp_path / "tiny", hidden_size=64, intermediate_size=128)
     with pytest.raises(SystemExit) as ex:
         main(["train", "--model", str(model_dir), "--train-file", str(data_file), "--output-dir",
               str(tmp_path / "run"), "--max-steps", "2", "--quantize", "int8", "--set", "progress=false",
@@ -141,7 +141,7 @@ def test_cli_train_quantize_int8_with_loftq_init_and_bad_settings(tmp_path, data
 
 # ---------------------------------------------------------------------------------------------------- merging
 def qlora_model(method: str = "nf4"):
-    model = quantize_model(tiny_llama(), method)
+    model = quantize_model(quantizable_llama(), method)
     lk.add_lora(model, lk.LoraConfig(r=4, alpha=8))
     randomize_lora_B(model, std=0.05)
     return model
@@ -154,7 +154,7 @@ def test_peft_loads_a_qlora_adapter_on_the_same_quantized_base_with_the_same_log
 
     model = qlora_model(method)
     lk.save_adapter(model, tmp_path / "adapter")
-    theirs = PeftModel.from_pretrained(quantize_model(tiny_llama(), method), tmp_path / "adapter")
+    theirs = PeftModel.from_pretrained(quantize_model(quantizable_llama(), method), tmp_path / "adapter")
     assert torch.equal(logits(theirs, ids), logits(model, ids))
 
 
@@ -193,7 +193,7 @@ def test_merging_back_into_4bit_needs_force_and_prints_the_drift(ids, capsys):
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "int8"])  # bnb int8: covered by merge_quantized
 def test_export_merges_a_qlora_adapter_into_the_dequantized_base(method, tmp_path, ids):
-    save_tiny_lm(tmp_path / "base")
+    save_tiny_lm(tmp_path / "base", hidden_size=64, intermediate_size=128)
     model, _ = lk.load_model(str(tmp_path / "base"), quantize=method)
     lk.add_lora(model, lk.LoraConfig(r=4, alpha=8))
     randomize_lora_B(model, std=0.05)
@@ -224,10 +224,10 @@ def approximation_errors(fp32: nn.Module, model: nn.Module) -> tuple[float, floa
 
 
 def test_loftq_lowers_the_quantization_error_and_is_saved_in_peft_fields(tmp_path, ids):
-    fp32 = tiny_llama()
+    fp32 = quantizable_llama()
     models, errors = {}, {}
     for iters in (1, 4):
-        models[iters] = tiny_llama()
+        models[iters] = quantizable_llama()
         lk.add_lora(models[iters], lk.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
         loftq_init(models[iters], bits=4, iters=iters)
         errors[iters] = approximation_errors(fp32, models[iters])
@@ -248,10 +248,36 @@ def test_loftq_lowers_the_quantization_error_and_is_saved_in_peft_fields(tmp_pat
 
     assert PeftLoraConfig.from_pretrained(tmp_path / "loftq1").loftq_config["loftq_bits"] == 4
     # One iteration quantizes W itself, so the adapter fits any NF4 copy of the base (loaded, not re-initialised).
-    reloaded = lk.load_adapter(quantize_model(tiny_llama(), "nf4"), tmp_path / "loftq1")
+    reloaded = lk.load_adapter(quantize_model(quantizable_llama(), "nf4"), tmp_path / "loftq1")
     assert reloaded.lora_configs["default"].init == "loftq"
     assert torch.equal(logits(reloaded, ids), logits(model, ids))
     # More iterations quantize W − BA: that base is not NF4(W), and the fingerprint check says so.
     lk.save_adapter(models[4], tmp_path / "loftq4")
     with pytest.raises(LorakitError, match="trained on a different base model"):
-        lk.load_adapter(quantize_model(tiny_llama(), "nf4"), tmp_path / "loftq4")
+        lk.load_adapter(quantize_model(quantizable_llama(), "nf4"), tmp_path / "loftq4")
+
+
+def test_layers_too_narrow_for_nf4_stay_full_precision_with_one_warning_on_every_cpu(ids):
+    # hidden 64 (attention quantizes), MLP width 48: gate/up give 48 outputs, down takes 48 inputs; nf4 needs inputs
+    # in whole blocks of 64 and outputs in groups of 32. The rule does not depend on the CPU the test runs on.
+    narrow = lk.add_lora(tiny_llama_with(hidden_size=64, intermediate_size=48), lk.LoraConfig(r=4, alpha=8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize_model(narrow, "nf4")
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("quantize='nf4': 6 layer(s) kept in full precision")
+    assert "model.layers.0.mlp.down_proj (48→64: nf4 needs an input width that is a multiple of 64" in messages[0]
+    layer = narrow.model.layers[0]
+    assert type(layer.mlp.down_proj) is nn.Linear and type(layer.mlp.gate_proj) is nn.Linear
+    assert type(layer.self_attn.q_proj.base_layer).__name__ == "Linear4bit" and quantization_of(narrow) == "nf4"
+    randomize_lora_B(narrow)
+    out = logits(narrow, ids)  # eval-mode, no-grad forward: the path that crashed inside bitsandbytes
+    assert torch.isfinite(out).all()
+
+    with pytest.raises(LorakitError, match=r"quantize='nf4' can quantize none of this model's linear layers: "
+                                           r"model.layers.0.self_attn.q_proj \(32→32: nf4 needs"):
+        quantize_model(tiny_llama_with(hidden_size=32, intermediate_size=48), "nf4")
+    with pytest.raises(LorakitError, match=r"Cannot quantize this layer \(48→64.*use quantize='int8'"):
+        quantize_linear(nn.Linear(48, 64), "nf4")
+    assert quantization_of(quantize_model(tiny_llama_with(hidden_size=32, intermediate_size=48), "int8")) == "int8"

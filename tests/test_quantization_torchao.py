@@ -15,7 +15,7 @@ from torch import nn
 pytest.importorskip("torchao", reason="quantize='int8-wo' needs torchao (pip install 'lorakit[quant]')")
 
 import lorakit as lk  # noqa: E402
-from conftest import randomize_lora_B, tiny_llama  # noqa: E402
+from conftest import quantizable_llama, randomize_lora_B  # noqa: E402
 from lorakit.errors import LorakitError  # noqa: E402
 from lorakit.quantization import (dequantize_weight, merge_quantized, quantization_of, quantize_linear,  # noqa: E402
                                   quantize_model, weight_bytes)
@@ -30,7 +30,7 @@ def logits(model, ids):
 
 
 def int8wo_lora():
-    model = quantize_model(tiny_llama(), "int8-wo")
+    model = quantize_model(quantizable_llama(), "int8-wo")
     lk.add_lora(model, lk.LoraConfig(r=4, alpha=8))
     randomize_lora_B(model, std=0.05)
     return model
@@ -81,10 +81,10 @@ def test_optimizer_steps_change_a_b_only_and_the_adapter_reloads_with_the_same_l
     assert meta["base_fingerprint"]["quantization"] == "int8-wo"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # same int8-wo base: the fingerprint (dequantized weights) matches exactly
-        reloaded = lk.load_adapter(quantize_model(tiny_llama(), "int8-wo"), tmp_path / "adapter")
+        reloaded = lk.load_adapter(quantize_model(quantizable_llama(), "int8-wo"), tmp_path / "adapter")
     assert torch.equal(logits(reloaded, ids), logits(model, ids))
     with pytest.warns(UserWarning, match="trained on a int8-wo base"):  # the fp32 base differs by design
-        lk.load_adapter(tiny_llama(), tmp_path / "adapter")
+        lk.load_adapter(quantizable_llama(), tmp_path / "adapter")
 
 
 def test_merge_dora_and_fsdp_are_refused_with_what_to_do_instead():
@@ -93,7 +93,7 @@ def test_merge_dora_and_fsdp_are_refused_with_what_to_do_instead():
         lk.merge(model)
     assert not model.model.layers[0].self_attn.q_proj.merged_adapters
     with pytest.raises(LorakitError, match="stored quantized here .*Int8Tensor.*unquantized base"):
-        lk.add_lora(quantize_model(tiny_llama(), "int8-wo"), lk.LoraConfig(r=4, use_dora=True))
+        lk.add_lora(quantize_model(quantizable_llama(), "int8-wo"), lk.LoraConfig(r=4, use_dora=True))
     from lorakit.distributed import check_shardable
 
     with pytest.raises(LorakitError, match="fsdp cannot shard this quantized base .*torchao"):
@@ -117,7 +117,7 @@ def test_train_with_quantize_int8wo(tmp_path):
     config = TrainConfig.from_dict({"output_dir": str(tmp_path / "run"), "tensorboard": False, "progress": False,
                                     "quantize": "int8-wo", "data": {"train_file": str(data)},
                                     "optim": {"lr": 5e-2, "batch_size": 3, "max_steps": 3}})
-    model = lk.add_lora(tiny_llama(), lk.LoraConfig(r=4, alpha=8))
+    model = lk.add_lora(quantizable_llama(), lk.LoraConfig(r=4, alpha=8))
     result = train(config, model, tiny_tokenizer())
     assert quantization_of(model) == "int8-wo" and result.steps == 3
     losses = [r["loss"] for r in result.history if "loss" in r]

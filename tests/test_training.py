@@ -181,10 +181,74 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, tok, da
             with torch.no_grad():
                 next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
 
-    with pytest.raises(LorakitError, match=r"loss became nan at step 4.*step-000003"):
+    # Whether a NaN weight gives a NaN loss or only NaN gradients depends on the CPU's kernels (AVX2 vs AVX-512):
+    # either way the step is refused.
+    with pytest.raises(LorakitError, match=r"(loss|gradient norm) became nan at step 4.*step-000003"):
         train(config(tmp_path / "n", data_file), model, tok, on_step=poison)
     path, state = latest_checkpoint(tmp_path / "n")
     assert path.name == "step-000003" and all(torch.isfinite(t).all() for t in state["trainable"].values())
+
+
+def poison_gradients(model, steps: set[int]):
+    """A hook that turns one LoRA gradient into NaN during the given optimizer steps (1-based), on any CPU."""
+    state = {"step": 1}
+    param = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    param.register_hook(lambda g: torch.full_like(g, float("nan")) if state["step"] in steps else g)
+
+    def on_step(step, record):
+        state["step"] = step + 1
+    return param, on_step
+
+
+def test_nan_gradient_with_finite_loss_is_never_applied_and_stops(tmp_path, tok, data_file):
+    model = lora_model()
+    param, on_step = poison_gradients(model, {5})
+    seen = {}
+
+    def remember(step, record):
+        on_step(step, record)
+        seen[step] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    with pytest.raises(LorakitError, match=r"gradient norm became nan at step 5; the step was not applied.*"
+                                           r"last good checkpoint is .*step-000003"):
+        train(config(tmp_path / "g", data_file), model, tok, on_step=remember)
+    for name, p in model.named_parameters():  # the weights are those after step 4: the poisoned step did nothing
+        if p.requires_grad:
+            assert torch.isfinite(p).all() and torch.equal(p.detach(), seen[4][name]), name
+    assert [c.name for c in checkpoints(tmp_path / "g")][-1] == "step-000003"
+
+
+def test_skip_mode_drops_nonfinite_steps_counts_them_and_stops_after_too_many_in_a_row(tmp_path, tok, data_file):
+    model = lora_model()
+    _, on_step = poison_gradients(model, {2, 4})
+    result = train(config(tmp_path / "s", data_file, on_nonfinite="skip", max_skipped_steps=2), model, tok,
+                   on_step=on_step)
+    assert result.summary["skipped steps (non-finite)"] == 2
+    assert [r["step"] for r in result.history if r.get("skipped")] == [2, 4]
+    saved = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+    model = lora_model()
+    _, on_step = poison_gradients(model, {3, 4, 5})
+    with pytest.raises(LorakitError, match=r"at step 4.*after 2 non-finite steps in a row \(max_skipped_steps=2\)"):
+        train(config(tmp_path / "s2", data_file, on_nonfinite="skip", max_skipped_steps=2, save_every=0), model, tok,
+              on_step=on_step)
+
+
+def test_nonfinite_weights_are_never_written_over_a_good_adapter(tmp_path):
+    model = lora_model()
+    lk.save_adapter(model, tmp_path / "a")
+    before = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_A" in n)[0, 0] = float("inf")
+    with pytest.raises(LorakitError, match=r"Not writing adapter 'default'.*NaN or inf.*lora_A.*intact"):
+        lk.save_adapter(model, tmp_path / "a")
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_nonfinite_settings_are_validated():
+    with pytest.raises(LorakitError, match=r"(?s)on_nonfinite must be one of \('stop', 'skip'\).*max_skipped_steps must be"):
+        TrainConfig.from_dict({"on_nonfinite": "ignore", "max_skipped_steps": 0})
 
 
 def test_caller_prepared_model_trains_exactly_requires_grad(tmp_path, tok, data_file):

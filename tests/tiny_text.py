@@ -29,11 +29,11 @@ def tiny_tokenizer():
                                    additional_special_tokens=SPECIALS[4:])
 
 
-def save_tiny_lm(path: Path, seed: int = 0) -> Path:
-    """A tiny Llama plus tokenizer saved as a Hugging Face model folder."""
+def save_tiny_lm(path: Path, seed: int = 0, **sizes) -> Path:
+    """A tiny Llama plus tokenizer saved as a Hugging Face model folder (`sizes`: hidden_size, intermediate_size)."""
     from conftest import tiny_llama
 
-    model = tiny_llama(seed)
+    model = tiny_llama(seed, **sizes)
     model.generation_config.eos_token_id = 2
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)

@@ -20,7 +20,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
-from lorakit.fsutil import atomic_directory, write_json
+from lorakit.fsutil import atomic_directory, require_finite, write_json
 from lorakit.injection import _require_adapter, active_adapter, add_lora, delete_adapter, lora_layers, set_adapter
 from lorakit.layers import LORA_LAYERS, is_quantized_weight
 
@@ -165,6 +165,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter).items()}
     if convert_to_lora:
         config, state = _as_plain_lora(model, adapter, config, state)
+    require_finite(state, f"adapter {adapter!r} to {path}")
     meta = {
         "lorakit_version": __version__,
         "adapter": adapter,

@@ -109,3 +109,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def require_finite(tensors: dict, what: str) -> None:
+    """Refuse to write NaN/inf weights: a non-finite checkpoint or adapter would replace a good one on disk."""
+    import torch
+
+    bad = [name for name, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point()
+           and not bool(torch.isfinite(t.detach()).all())]
+    if bad:
+        raise LorakitError(f"Not writing {what}: {len(bad)} tensor(s) hold NaN or inf (first: {bad[0]}). Nothing on "
+                           "disk was changed; the previous checkpoint or adapter is intact. Lower the learning rate "
+                           "or check the data, then train again from the last good checkpoint.")

@@ -20,6 +20,7 @@ bitsandbytes and torchao are imported lazily: only these functions need them (`p
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,10 @@ from lorakit.layers import LoraLinear, is_quantized_weight
 
 METHODS = ("nf4", "int8", "int8-wo")
 LOFTQ_BITS = {4: "nf4", 8: "int8"}
+# bitsandbytes NF4 quantizes blocks of 64 weights; its fast CPU kernel (AVX512-BF16 CPUs) regroups each weight row into
+# whole blocks and the rows into groups of 32, and crashes on layers that do not divide evenly. The rule is applied on
+# every device, so a model quantizes the same way (and the same layers stay full precision) on every machine.
+NF4_BLOCK, NF4_ROW_GROUP = 64, 32
 
 
 def _bnb():
@@ -76,10 +81,22 @@ def quantization_method(module: nn.Module) -> str | None:
     return "nf4" if type(module).__name__ == "Linear4bit" else "int8"
 
 
+def unsupported_shape(linear: nn.Linear, method: str) -> str | None:
+    """Why `method` cannot quantize this layer on every CPU and GPU its library supports (None: it can)."""
+    if method == "nf4" and (linear.in_features % NF4_BLOCK or linear.out_features % NF4_ROW_GROUP):
+        return (f"{linear.in_features}→{linear.out_features}: nf4 needs an input width that is a multiple of "
+                f"{NF4_BLOCK} and an output width that is a multiple of {NF4_ROW_GROUP}")
+    return None
+
+
 def quantize_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype = torch.float32,
                     weight: torch.Tensor | None = None) -> nn.Module:
     """A quantized copy of `linear` (weight `weight` if given, e.g. LoftQ's W − BA), frozen."""
     _check_method(method)
+    reason = unsupported_shape(linear, method)
+    if reason:
+        raise LorakitError(f"Cannot quantize this layer ({reason}). Keep it in full precision, or use "
+                           "quantize='int8' / 'int8-wo', which have no width rule.")
     if method == "int8-wo":
         return _torchao_linear(linear, compute_dtype, weight)
     bnb = _bnb()
@@ -89,6 +106,10 @@ def quantize_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype =
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
                               compress_statistics=True, quant_type="nf4")
         q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4")
+        # On AVX512-BF16 CPUs bitsandbytes would repack the weight on the first no-grad eval forward, rounding the
+        # block scales to bf16 and fetching its kernel from a model hub: outputs would differ by CPU (and the layer
+        # could no longer be dequantized exactly). lorakit keeps one computation on every CPU.
+        q.support_avx512bf16_for_cpu = False
     else:
         q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False,
                                 threshold=0.0)
@@ -188,7 +209,7 @@ def weight_bytes(model: nn.Module) -> int:
         while state is not None:  # NF4: absmax (+ nested absmax and code with double quantization)
             add(state.absmax)
             add(state.code)
-            state = state.state2
+            state = getattr(state, "state2", None)
     for module in model.modules():  # int8: the per-row scales, on the weight until the first forward, then on state
         if quantization_method(module) == "int8":
             scb = module.weight.SCB if getattr(module.weight, "SCB", None) is not None else module.state.SCB
@@ -215,25 +236,43 @@ def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: torch.d
     """Replace the frozen base `nn.Linear` layers (not the output head) by quantized layers, in place.
 
     Works before or after `add_lora`; layers already quantized are left alone. GPT-2's Conv1D layers stay as they are.
+    Layers the method cannot quantize (see `unsupported_shape`) stay in full precision, named in one warning; a model
+    where no layer can be quantized is refused.
     """
     _check_method(method)
     merged = [n for n, l in lora_layers(model) if getattr(l, "merged_adapters", None)]
     if merged:
         raise LorakitError(f"Adapters are merged into {merged[:3]}; unmerge(model) before quantizing the base.")
-    done = 0
+    done, kept = 0, {}
     for name, layer in _base_linears(model):
         current = quantization_method(layer)
         if current is not None:
             if current != method:
                 raise LorakitError(f"{name} is already quantized as {current}; cannot requantize it as {method}.")
             continue
-        if type(layer) is nn.Linear:
-            _set_submodule(model, name, quantize_linear(layer, method, compute_dtype))
-            done += 1
+        if type(layer) is not nn.Linear:
+            continue
+        reason = unsupported_shape(layer, method)
+        if reason:
+            kept[name.removesuffix(".base_layer")] = reason
+            continue
+        _set_submodule(model, name, quantize_linear(layer, method, compute_dtype))
+        done += 1
     if not done and quantization_of(model) is None:
+        if kept:
+            raise LorakitError(f"quantize={method!r} can quantize none of this model's linear layers: "
+                               f"{_list(kept)}. Use quantize='int8' or 'int8-wo', or no quantization.")
         raise LorakitError("quantize_model found no nn.Linear layer to quantize (heads are kept; GPT-2 Conv1D layers "
                            "are not supported).")
+    if kept:
+        warnings.warn(f"quantize={method!r}: {len(kept)} layer(s) kept in full precision because {method} cannot "
+                      f"quantize their shape: {_list(kept)}.", stacklevel=2)
     return model
+
+
+def _list(reasons: dict[str, str], most: int = 6) -> str:
+    shown = "; ".join(f"{name} ({reason})" for name, reason in list(reasons.items())[:most])
+    return shown + (f"; and {len(reasons) - most} more" if len(reasons) > most else "")
 
 
 def quantization_of(model: nn.Module) -> str | None:
@@ -324,6 +363,8 @@ def loftq_init(model: nn.Module, adapter: str | None = None, bits: int = 4, iter
     Each iteration quantizes W − scale·BA, then takes the rank-r SVD of the residual W − dequant(Q) as scale·BA
     (√S split between the factors). The base layers become bitsandbytes layers; the stored config records
     init="loftq" and PEFT's `loftq_config`. Quantize the remaining linear layers with `quantize_model` afterwards.
+    Layers the method cannot quantize (`unsupported_shape`) keep their base and their usual init; `quantize_model`
+    names them in its warning.
     """
     if bits not in LOFTQ_BITS:
         raise LorakitError(f"loftq bits must be one of {sorted(LOFTQ_BITS)}, got {bits!r}.")
@@ -342,6 +383,8 @@ def loftq_init(model: nn.Module, adapter: str | None = None, bits: int = 4, iter
                                f"{type(base).__name__}: apply LoftQ to the fp32/bf16 model, before quantizing.")
         if adapter in layer.merged_adapters:
             raise LorakitError(f"{name}: adapter {adapter!r} is merged; unmerge before loftq_init.")
+        if unsupported_shape(base, method):
+            continue
         r, scale = layer.r[adapter], layer.scaling[adapter]
         with torch.no_grad():
             w = base.weight.detach().float()  # (out, in)

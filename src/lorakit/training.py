@@ -41,13 +41,14 @@ from lorakit import distributed as dist
 from lorakit.data import (DataConfig, TokenizedData, collate, epoch_batches, iterate_batches,
                           loss_tokens, read_records, show_example, split_records, tokenize)
 from lorakit.errors import LorakitError
-from lorakit.fsutil import atomic_directory, atomic_write_text, write_json
+from lorakit.fsutil import atomic_directory, atomic_write_text, require_finite, write_json
 from lorakit.memory import MAX_MMAP_THRESHOLD, peak_rss_mb, set_mmap_threshold
 
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("linear", "constant", "cosine")
 METRICS = (None, "accuracy", "exact_match")
 DISTRIBUTED = ("none", "ddp", "fsdp")
+NONFINITE = ("stop", "skip")
 CONFIG_FILE = "config.yaml"
 
 
@@ -139,6 +140,11 @@ class TrainConfig:
     progress: bool = True
     distributed: str = "none"
     """none, ddp (adapter replicated) or fsdp (FSDP2: base sharded) when launched by torchrun; see lorakit.distributed."""
+    on_nonfinite: str = "stop"
+    """A step whose loss or gradient norm is NaN/inf is never applied. stop: end the run with a message (the last
+    checkpoint stays good); skip: drop that step and go on, stopping after max_skipped_steps skips in a row."""
+    max_skipped_steps: int = 5
+    """With on_nonfinite=skip: how many non-finite steps in a row are tolerated before the run stops."""
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -178,6 +184,10 @@ class TrainConfig:
         bits = self.lora.loftq_config.get("loftq_bits")
         if self.quantize in ("nf4", "int8") and bits is not None and bits != {"nf4": 4, "int8": 8}[self.quantize]:
             out.append(f"lora.loftq_config.loftq_bits={bits} does not match quantize={self.quantize} (nf4: 4, int8: 8)")
+        if self.on_nonfinite not in NONFINITE:
+            out.append(f"on_nonfinite must be one of {NONFINITE}, got {self.on_nonfinite!r}")
+        if not _int(self.max_skipped_steps) or self.max_skipped_steps < 1:
+            out.append(f"max_skipped_steps must be a positive integer, got {self.max_skipped_steps!r}")
         if self.distributed not in DISTRIBUTED:
             out.append(f"distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
         return out + self.data.problems() + self.optim.problems()
@@ -329,6 +339,7 @@ def save_trained(model: nn.Module, path: Path, extra: dict[str, Any]) -> Path:
 
     if not dist.is_main():  # under torchrun, rank 0 alone writes (the others hold the same adapter)
         return path
+    require_finite(dict(_trainable(model)), f"the trained weights for {path}")
     if _has_lorakit_adapter(model):
         return save_adapter(model, path, extra=extra)
     with atomic_directory(path) as tmp:
@@ -390,6 +401,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, position
     rng_tensors, rng_meta = _rng_state()
     if not dist.is_main():
         return path
+    require_finite(opt_tensors, f"the optimizer state for {path}")
     run_dir = path.parent.parent
     previous = [p for p in checkpoints(run_dir) if p != path]
     hint = (f"The previous checkpoint {previous[-1]} is intact: free disk space, then continue with "
@@ -783,6 +795,7 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
     bar = _progress(total_steps, step, config.progress and main)
     metrics: dict[str, float] = {}
     tokens_seen, tick = 0, time.perf_counter()
+    skipped_in_a_row, skipped_total = 0, 0
     engine.train()
     try:
         while step < total_steps and not dist.any_rank(interrupted["flag"]):
@@ -793,7 +806,7 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
                 micro_batches.append(collate([train_data.examples[i] for i in order[index]], pad_id))
                 micro += 1
             n_targets = sum(loss_tokens(b) for b in micro_batches)
-            step_loss = 0.0
+            step_loss, bad_loss = 0.0, None
             for i, b in enumerate(micro_batches):
                 b = dist.local_rows(b)  # under torchrun: this rank's rows of the global micro-batch
                 with _autocast(config), dist.no_sync(engine, skip=i < len(micro_batches) - 1):
@@ -803,23 +816,28 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
                         loss = torch.nan_to_num(loss, nan=0.0) * 0.0
                     weighted, bad, tokens = dist.all_sum([float(loss.detach()) * share, float(not torch.isfinite(loss)),
                                                           float(b["attention_mask"].sum())])
-                    if bad:  # decided from all ranks' losses, so every rank stops here together
-                        last = checkpoints(run_dir)
-                        value = float(loss.detach()) if not torch.isfinite(loss) else "non-finite on another rank"
-                        raise LorakitError(f"The loss became {value} at step {step + 1}; training stopped. "
-                                           f"The last good checkpoint is "
-                                           f"{last[-1] if last else 'none (no checkpoint yet)'}. "
-                                           "Try a lower optim.lr, fp32 precision, or check the data.")
+                    if bad:  # decided from all ranks' losses, so every rank leaves the step here together
+                        bad_loss = float(loss.detach()) if not torch.isfinite(loss) else "non-finite on another rank"
+                        break
                     # DDP and FSDP2 average gradients over ranks; the sum over ranks is the full-batch gradient
                     (loss * (share * dist.world_size())).backward()
                 step_loss += weighted
                 tokens_seen += int(tokens)  # over all ranks
-            grad_norm = None
-            if o.max_grad_norm is not None:
-                norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], o.max_grad_norm)
-                grad_norm = float(dist.full_tensor(norm))
+            grad_norm = None if bad_loss is not None else _grad_norm(params, o.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            problem = (f"loss became {bad_loss}" if bad_loss is not None else
+                       f"gradient norm became {grad_norm}" if not math.isfinite(grad_norm) else None)
+            if problem is None:
+                optimizer.step()
+                skipped_in_a_row = 0
+            else:  # never step on non-finite gradients: the weights (and any later checkpoint) stay finite
+                skipped_in_a_row += 1
+                skipped_total += 1
+                if config.on_nonfinite == "stop" or skipped_in_a_row >= config.max_skipped_steps:
+                    optimizer.zero_grad(set_to_none=True)
+                    raise LorakitError(_nonfinite_message(problem, step + 1, run_dir, config, skipped_in_a_row))
+                say(f"step {step + 1}: the {problem}; step skipped ({skipped_in_a_row} in a row, "
+                    f"{config.max_skipped_steps} allowed)")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -827,8 +845,10 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
             now = time.perf_counter()
             record = {"step": step, "epoch": round(micro / micro_per_epoch, 4), "loss": step_loss, "lr": lr,
                       "tokens_per_s": tokens_seen / max(now - tick, 1e-9)}
-            if grad_norm is not None:
+            if grad_norm is not None and math.isfinite(grad_norm):
                 record["grad_norm"] = grad_norm
+            if problem is not None:
+                record["skipped"] = True
             tokens_seen, tick = 0, now
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
@@ -881,6 +901,7 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
         "peak memory (MB)": peak_mb,
         **({"peak memory per rank (MB)": " ".join(f"{p:.0f}" for p in peaks)} if distributed else {}),
         "examples": stats["examples"], "truncated examples": stats["truncated"],
+        **({"skipped steps (non-finite)": skipped_total} if skipped_total else {}),
         **{k: v for k, v in metrics.items()}, "run folder": str(run_dir), "loss curve": str(plot) if plot else "none",
     }
     if main:
@@ -888,6 +909,22 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
     if config.progress and main:
         print(summary_table(summary))
     return TrainResult(run_dir, adapter_dir, best_dir, step, metrics, history, summary, interrupted["flag"])
+
+
+def _grad_norm(params: list[tuple[str, nn.Parameter]], max_norm: float | None) -> float:
+    """The global gradient norm (over all ranks), clipping to max_norm when set. Non-finite iff some gradient is."""
+    # max_norm=inf measures without clipping (the scale factor clamps to exactly 1)
+    norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], math.inf if max_norm is None else max_norm)
+    return float(dist.full_tensor(norm))
+
+
+def _nonfinite_message(problem: str, step: int, run_dir: Path, config: TrainConfig, in_a_row: int) -> str:
+    last = checkpoints(run_dir)
+    skipped = (f" after {in_a_row} non-finite steps in a row (max_skipped_steps={config.max_skipped_steps})"
+               if config.on_nonfinite == "skip" else "")
+    return (f"The {problem} at step {step}; the step was not applied and training stopped{skipped}. The last good "
+            f"checkpoint is {last[-1] if last else 'none (no checkpoint yet)'}. Try a lower optim.lr, fp32 precision, "
+            "optim.max_grad_norm, or check the data; on_nonfinite=skip drops such steps instead of stopping.")
 
 
 def _quantize_base(model: nn.Module, config: TrainConfig) -> None:
