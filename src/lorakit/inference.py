@@ -9,6 +9,7 @@ row's first real token, so a row decodes to the same tokens whether it runs alon
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 from dataclasses import dataclass, field
@@ -198,6 +199,12 @@ class _RowText:
         return delta
 
 
+def _cache_argument(model: nn.Module) -> str:
+    """The name of the KV cache in the model's forward and output: `cache` in current transformers; older releases
+    (and remote-code models written for them) call it `past_key_values`, which transformers now warns about."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def generate_rows(model: nn.Module, tokenizer, rows: Sequence[Row],
                   on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
@@ -228,12 +235,14 @@ def generate_rows(model: nn.Module, tokenizer, rows: Sequence[Row],
     texts = [_RowText(tokenizer, r.sampling.stop) for r in rows]
     finish: list[str | None] = [None] * len(rows)
     cache = DynamicCache()
+    cache_arg = _cache_argument(model)
     step_ids = input_ids
     with _routing(model, [r.adapter for r in rows]):
         for step in range(max(r.sampling.max_new_tokens for r in rows)):
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        logits_to_keep=1, **{cache_arg: cache})
+            if out.get(cache_arg) is not None:
+                cache = out[cache_arg]
             picked = _pick_tokens(out.logits[:, -1, :].float(), [r.sampling for r in rows], generators)  # (B,)
             for i, token in enumerate(picked):
                 if finish[i] is not None:

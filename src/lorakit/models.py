@@ -8,7 +8,9 @@ later loads take about a second.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +67,53 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(cached)
 
 
+class _DropTorchaoImportNoise(logging.Filter):
+    """Drops exactly the records that importing the PyPI torchao wheel logs on a CPU-only torch (see
+    `_import_model_code`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "torchao":  # "Failed to load .../torchao/_C_*.so: ..." for each of its CUDA kernel libraries
+            return not (torch.version.cuda is None and record.getMessage().startswith("Failed to load "))
+        # torch.utils._pytree: "<enum ...> is an Enum subclass ... Calling register_constant() on Enum subclasses is
+        # deprecated": torchao registers its own enums the way older torch needed
+        cls = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        return not (getattr(cls, "__module__", "").startswith("torchao.") and "Enum subclass" in str(record.msg))
+
+
+def _import_model_code() -> None:
+    """Import transformers' model code (as from_pretrained would) without torchao's import-time noise.
+
+    transformers imports torchao whenever it is installed, the first time any model class is used (from_pretrained
+    included): `transformers.modeling_utils` imports `transformers.quantizers`, whose `quantizer_torchao` module runs
+    `if is_torchao_available(): from torchao.prototype... import ...` at import time. No from_pretrained argument
+    avoids it. lorakit needs torchao only for `quantize="int8-wo"` (the `quant` / `dev` extras), but once torchao is
+    installed every load imports it, and on a CPU-only torch that import logs, before any lorakit output:
+    - "Failed to load .../torchao/_C_mxfp8...so" and ".../_C_cutlass_90a.abi3.so": the PyPI torchao wheel ships CUDA
+      kernels (they link libcudart / libc10_cuda), which cannot load into a CPU build of torch; torchao's CPU code,
+      int8-wo included, does not use them;
+    - two torch `_pytree` warnings: torchao registers its `KernelPreference` / `ScaleCalculationMode` enums with
+      `register_constant`, which torch now deprecates for Enum subclasses.
+    None of it is the user's to act on, so this drops exactly those records during that one import (once per
+    process); everything else torchao, torch or transformers log still shows, and so do these messages on a CUDA
+    build of torch, where a kernel that fails to load matters.
+    """
+    if "transformers.modeling_utils" in sys.modules or importlib.util.find_spec("torchao") is None:
+        return
+    loggers = [logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")]
+    noise = _DropTorchaoImportNoise()
+    for logger in loggers:
+        logger.addFilter(noise)
+    try:
+        import transformers.modeling_utils  # noqa: F401
+    finally:
+        for logger in loggers:
+            logger.removeFilter(noise)
+
+
 def _convert_gguf(gguf_file: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _import_model_code()
 
     t0 = time.time()
     print(f"lorakit: converting {gguf_file.name} to a safetensors copy in {target} (once; ~30 s)...", flush=True)
@@ -93,6 +140,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, task: str = "causal-lm", dtype
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    _import_model_code()
     if task not in TASKS:
         raise LorakitError(f"task must be one of {TASKS}, got {task!r}.")
     if isinstance(dtype, str):
