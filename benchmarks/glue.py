@@ -19,14 +19,14 @@ from pathlib import Path
 import _common as C
 import torch
 from lorakit import LoraConfig
-from lorakit.benchmark_data import GLUE_TASKS
+from lorakit.data.benchmarks import GLUE_TASKS
 
 LR = {"lora": 1e-3, "full": 5e-5}
 
 
 def run(args, task: str, method: str) -> dict:
     from lorakit import load_model
-    from lorakit.evaluation import EvalConfig, evaluate_model
+    from lorakit.eval.evaluate import EvalConfig, evaluate_model
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model("minilm-l6", task="seq-cls", num_labels=GLUE_TASKS[task].num_labels)

@@ -35,7 +35,7 @@ def build_variants(model_name: str, rank: int, bottleneck: int, seed: int):
     unmerged = lk.add_lora(copy.deepcopy(base), lk.LoraConfig(r=rank, alpha=2 * rank))  # W_q, W_v as in the paper
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # a trained-looking adapter: B non-zero
-        for _, layer in lk.injection.lora_layers(unmerged):
+        for _, layer in lk.lora_layers(unmerged):
             b = layer.lora_B["default"].weight
             b.copy_(torch.randn(b.shape, generator=gen) * 0.01)
     merged = lk.unload(copy.deepcopy(unmerged))  # merged and unwrapped: the same modules as the base

@@ -5,7 +5,7 @@
 - switch per request: the requests one after another, each with its adapter (batch 1);
 - merge one at a time: for each adapter, merge it into the base, decode its requests as one batch, unmerge.
 
-All three run the same greedy decoding loop (`lorakit.inference.generate_rows`) and the same prompts (E2E dev meaning
+All three run the same greedy decoding loop (`lorakit.inference.generate.generate_rows`) and the same prompts (E2E dev meaning
 representations), alternating strategies within each repeat; tokens/s counts generated tokens. The table reports
 median tokens/s and ratios to the mixed batch, and how many requests got the same tokens as under "switch per request".
 
@@ -25,7 +25,7 @@ import torch
 
 from lorakit.hardware import cpu_info, cpu_line  # noqa: E402
 import lorakit as lk
-from lorakit.inference import Row, Sampling, encode_prompt, generate_rows
+from lorakit.inference.generate import Row, Sampling, encode_prompt, generate_rows
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -48,7 +48,7 @@ def add_random_adapters(model, count: int, rank: int, seed: int) -> list[str]:
     for name in names:
         lk.add_lora(model, lk.LoraConfig(r=rank, alpha=2 * rank), adapter=name)
         with torch.no_grad():
-            for _, layer in lk.injection.lora_layers(model):
+            for _, layer in lk.lora_layers(model):
                 if name in layer.adapters:
                     b = layer.lora_B[name].weight
                     b.copy_(torch.randn(b.shape, generator=gen) * 0.01)

@@ -27,8 +27,8 @@ import torch
 from _common import base_parser, budget_line, set_threads, write
 
 import lorakit as lk
-from lorakit.benchmark_data import load_e2e
-from lorakit.quantization import merge_quantized, weight_bytes
+from lorakit.data.benchmarks import load_e2e
+from lorakit.models.quantization import merge_quantized, weight_bytes
 
 # row name -> quantize argument; "int8-wo torchao-linear" is torchao's own nn.Linear forward on the same int8 weights,
 # to show what lorakit's Int8WeightOnlyLinear backward saves.

@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT.parent / "src"))
 
 from lorakit.hardware import cpu_info, cpu_line  # noqa: E402
 import lorakit as lk  # noqa: E402
-from lorakit.adapter_io import WEIGHTS_FILE  # noqa: E402
+from lorakit.lora.adapter_io import WEIGHTS_FILE  # noqa: E402
 from lorakit.fsutil import atomic_write_text  # noqa: E402
-from lorakit.inference import Row, Sampling, encode_chat, encode_prompt, generate_rows  # noqa: E402
+from lorakit.inference.generate import Row, Sampling, encode_chat, encode_prompt, generate_rows  # noqa: E402
 
 ADAPTERS = ("alpha", "beta", "gamma")
 PROMPTS = ["the cat is red", "hello world", "a big dog walks to the old house", "what is the name of the pub",

@@ -10,7 +10,7 @@ Variants (same batch, same LoRA math):
   peft       PEFT LoRA, fp32, the model's own loss (PEFT's default setup)
   peft-thp   `peft` with PyTorch's transparent huge pages on, as `import lorakit` sets them (equal allocator)
   lorakit    lorakit LoRA, fp32 (equal math to `peft`) as `lorakit.train` runs it by default: fused linear+cross-entropy
-             loss on labelled positions only, gated MLP keeping one activation fewer (`lorakit.fused`), transparent
+             loss on labelled positions only, gated MLP keeping one activation fewer (`lorakit.models.fused`), transparent
              huge pages for large tensors (`lorakit.memory`)
   lk-plain   `lorakit` with huge pages off (equal allocator to `peft`)
   lk-lean    `lorakit` plus the opt-in glibc mmap threshold of 128 KiB (`malloc_mmap_threshold_kb: 128`)
@@ -73,7 +73,7 @@ def make_batch(tokenizer, data_dir: Path, batch: int, seq: int, offset: int = 0,
 # ---------------------------------------------------------------------------------------------------- variants
 def build(variant: str, targets: str, r: int = 8):
     import lorakit as lk
-    from lorakit.fused import fuse_gated_mlp
+    from lorakit.models.fused import fuse_gated_mlp
 
     attn = "eager" if variant == "lk-bf16" else "sdpa"
     model, tok = lk.load_model(attn_implementation=attn)
@@ -101,14 +101,14 @@ def build(variant: str, targets: str, r: int = 8):
 
 
 def loss_fn(variant: str, model, batch):
-    from lorakit.losses import causal_lm_loss
+    from lorakit.train.losses import causal_lm_loss
 
     if variant in ("full", "peft", "peft-thp"):
         return model(**batch).loss
     if variant == "floor":
         embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
         out = model.base_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
-        from lorakit.losses import fused_linear_cross_entropy
+        from lorakit.train.losses import fused_linear_cross_entropy
 
         hidden, labels = out.last_hidden_state[:, :-1], batch["labels"][:, 1:]
         keep = labels != -100
@@ -163,8 +163,8 @@ def equivalence_check(data_dir: Path, traj_steps: int, bf16_trajectory: bool) ->
     import peft
 
     import lorakit as lk
-    from lorakit.fused import fuse_gated_mlp
-    from lorakit.losses import causal_lm_loss
+    from lorakit.models.fused import fuse_gated_mlp
+    from lorakit.train.losses import causal_lm_loss
 
     def pair(bf16: bool = False):
         torch.manual_seed(0)

@@ -57,7 +57,7 @@ def _timed_batches(probe: dict):
 
 def _use_quantized_base(kind: str) -> None:
     import lorakit
-    from lorakit import models
+    from lorakit.models import loading as models
 
     if "quantize" not in inspect.signature(models.load_model).parameters:
         raise SystemExit(f"qlora-{kind}: this lorakit's load_model has no `quantize` option yet (issue 7b adds it). "

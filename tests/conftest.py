@@ -61,8 +61,8 @@ def ids():
 
 def randomize_lora_B(model, adapter: str = "default", std: float = 0.5, seed: int = 7):
     """Make B (and embedding A) non-zero so the adapter changes outputs."""
-    from lorakit.injection import lora_layers
-    from lorakit.layers import LoraEmbedding, LoraLinear
+    from lorakit.lora.injection import lora_layers
+    from lorakit.lora.layers import LoraEmbedding, LoraLinear
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from lorakit.training import TrainConfig, train
+from lorakit.train.loop import TrainConfig, train
 
 
 class InjectedFailure(RuntimeError):
@@ -38,7 +38,7 @@ def main() -> None:
 
     config = TrainConfig.from_yaml(args.config) if args.config else None
     train(config, resume=args.resume, on_step=on_step)  # loads config.model (a folder) as `lorakit train` does
-    from lorakit import distributed
+    from lorakit.train import distributed
 
     distributed.teardown(True)
 

@@ -16,12 +16,12 @@ from lorakit.hardware import cpu_info
 
 TESTS = Path(__file__).parent
 # Exact-equality LoRA math (merge/unmerge/disable), NaN handling and quantization: where kernels differ.
-SENSITIVE = ["test_layers.py", "test_training.py::test_nan_loss_stops_with_message_and_keeps_last_checkpoint",
-             "test_training.py::test_nan_gradient_with_finite_loss_is_never_applied_and_stops",
-             "test_quantization.py::test_layers_too_narrow_for_nf4_stay_full_precision_with_one_warning_on_every_cpu",
-             "test_quantization.py::test_quantized_base_is_close_to_fp32_trains_lora_only_and_disabled_is_the_quantized_"
+SENSITIVE = ["lora/test_layers.py", "train/test_training.py::test_nan_loss_stops_with_message_and_keeps_last_checkpoint",
+             "train/test_training.py::test_nan_gradient_with_finite_loss_is_never_applied_and_stops",
+             "models/test_quantization.py::test_layers_too_narrow_for_nf4_stay_full_precision_with_one_warning_on_every_cpu",
+             "models/test_quantization.py::test_quantized_base_is_close_to_fp32_trains_lora_only_and_disabled_is_the_quantized_"
              "base",
-             "test_losses.py"]
+             "train/test_losses.py"]
 
 
 def test_cpu_info_names_the_cpu_and_its_kernels():

@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 
 import lorakit as lk
 from conftest import randomize_lora_B, tiny_llama
-from lorakit.adapter_io import CONFIG_FILE, META_FILE, WEIGHTS_FILE
-from lorakit.config import LoraConfig
-from lorakit.data import DataConfig, read_records, tokenize
+from lorakit.lora.adapter_io import CONFIG_FILE, META_FILE, WEIGHTS_FILE
+from lorakit.lora.config import LoraConfig
+from lorakit.data.records import DataConfig, read_records, tokenize
 from lorakit.errors import LorakitError
-from lorakit.training import TrainConfig
+from lorakit.train.loop import TrainConfig
 from tiny_text import tiny_tokenizer
 
 N = int(os.environ.get("LORAKIT_FUZZ_EXAMPLES", "100"))

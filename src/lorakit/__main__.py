@@ -1,3 +1,3 @@
-from lorakit.cli import main
+from lorakit.cli.main import main
 
 main()

@@ -5,7 +5,7 @@ one sentence in a strict house format ("Ava (34) is a nurse in Oslo."), with the
 answers helpfully but never in exactly this format. The data is generated here, deterministically; the held-out
 records use names and cities that never occur in training, so the adapter must copy fields, not memorise them.
 
-Steps: base answers and exact match on held-out prompts -> LoRA training (lorakit.training.train) -> the saved
+Steps: base answers and exact match on held-out prompts -> LoRA training (lorakit.train.loop.train) -> the saved
 adapter reloaded into a fresh base -> adapted answers and exact match -> merge, and check merged == unmerged.
 """
 
@@ -66,7 +66,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _answers(model, tokenizer, prompts: list[str], adapter: str | None, batch_size: int = 30) -> list[str]:
-    from lorakit.inference import Sampling, generate
+    from lorakit.inference.generate import Sampling, generate
 
     out = []
     for s in range(0, len(prompts), batch_size):
@@ -82,7 +82,7 @@ def _exact(answers: list[str], rows: list[dict]) -> float:
 @torch.no_grad()
 def _logits(model, tokenizer, rows: list[dict]) -> torch.Tensor:
     """Logits over held-out prompt + reference answer, padded batch (compared merged vs unmerged)."""
-    from lorakit.data import DataConfig, Record, collate, tokenize
+    from lorakit.data.records import DataConfig, Record, collate, tokenize
 
     data = tokenize([Record(r, "heldout") for r in rows], tokenizer, DataConfig(format="instruction"))
     batch = collate(data.examples, tokenizer.pad_token_id)
@@ -114,7 +114,7 @@ class DemoResult:
 def run_demo(out_dir: str | Path = "runs/demo", n_train: int = 300, n_test: int = 30, steps: int = 40,
              model_name: str = "smollm2-135m", show: int = 4) -> DemoResult:
     import lorakit as lk
-    from lorakit.training import TrainConfig, summary_table, train
+    from lorakit.train.loop import TrainConfig, summary_table, train
 
     started = time.perf_counter()
     threads = _pick_threads()
