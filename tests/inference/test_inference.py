@@ -189,18 +189,19 @@ def test_real_model_mixed_batch_with_chat_template_matches_alone(one_thread):
 
 
 def test_streamed_text_waits_for_whole_characters_and_possible_stop_strings():
-    from lorakit.inference.generate import _RowText
+    from lorakit.inference.sampling import RowText
 
-    class ByteLevel:  # decode() of a byte-level tokenizer: a half emoji decodes to U+FFFD
-        texts = {(1,): "Hola", (1, 2): "Hola \ufffd", (1, 2, 3): "Hola 😊", (1, 2, 3, 4): "Hola 😊 EN",
-                 (1, 2, 3, 4, 5): "Hola 😊 END"}
+    pieces = {1: b"Hola", 2: b" \xf0\x9f", 3: b"\x98\x8a", 4: b" EN", 5: b"D", 6: b"!"}
 
+    class ByteLevel:  # decode() of a byte-level tokenizer: half an emoji decodes to U+FFFD
         def decode(self, ids, skip_special_tokens=True):
-            return self.texts[tuple(ids)]
+            return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
 
-    row = _RowText(ByteLevel(), stop=["END"])
-    assert [row.add(t) for t in (1, 2, 3, 4, 5)] == [("Ho", False), ("", False), ("la", False), (" 😊 ", False),
+    row = RowText(ByteLevel(), stop=["END"])
+    assert [row.add(t) for t in (1, 2, 3, 4, 5)] == [("Ho", False), ("", False), ("la", False), (" \U0001F60A ", False),
                                                      ("", True)]
-    assert row.emitted == "Hola 😊 "
-    cut = _RowText(ByteLevel(), stop=[])
+    assert row.emitted_text == "Hola \U0001F60A "
+    cut = RowText(ByteLevel(), stop=[])
     assert [cut.add(1), cut.add(2), cut.finish()] == [("Hola", False), ("", False), " "]  # half a character dropped
+    whole = RowText(ByteLevel(), stop=[])
+    assert "".join(whole.add(t)[0] for t in (1, 2, 3, 4, 5, 6)) + whole.finish() == "Hola \U0001F60A END!"

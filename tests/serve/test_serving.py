@@ -115,9 +115,8 @@ def test_concurrent_requests_with_two_adapters_are_batched_and_match_alone(live)
             model=job[1], prompt=job[0], max_tokens=10, temperature=0).choices[0].text, jobs))
     for (prompt, adapter), answer in zip(jobs, answers):
         assert answer == live["alone"](encode_prompt(live["tokenizer"], prompt), adapter, 10), (prompt, adapter)
-    assert engine.stats["mixed_adapter_batches"] > before["mixed_adapter_batches"]
+    assert engine.stats["mixed_adapter_steps"] > before["mixed_adapter_steps"]
     assert engine.stats["largest_batch"] > 1
-    assert engine.stats["batches"] - before["batches"] < len(jobs)  # fewer forward loops than requests
 
 
 def test_seeded_sampling_is_reproducible(live):
@@ -179,8 +178,9 @@ def test_bad_fields_are_422(live):
     with pytest.raises(openai.UnprocessableEntityError) as info:
         client.completions.create(model="alpha", prompt="hello", temperature=7)
     assert info.value.body["param"] == "temperature"
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.BadRequestError) as info:  # a field this server does not know: 400 naming it
         client.completions.create(model="alpha", prompt="hello", extra_body={"unknown_field": 1})
+    assert info.value.body["param"] == "unknown_field" and info.value.body["code"] == "unsupported_field"
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(model="alpha", messages=[{"role": "wizard", "content": "hi"}])
     r = httpx.post(live["url"] + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})

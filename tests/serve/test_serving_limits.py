@@ -79,7 +79,7 @@ def test_requests_over_the_limits(limited):
     many = complete(limited, "alpha", prompt=["hello"] * 5)  # more prompts than max_batch_size=4
     assert many.status_code == 400 and many.json()["error"]["code"] == "invalid_prompt"
     assert complete(limited, "alpha", max_tokens=17).json()["error"]["code"] == "max_tokens_too_large"
-    assert complete(limited, "alpha", n=2).status_code == 422  # one choice per prompt only
+    assert complete(limited, "alpha", n=5).json()["error"]["param"] == "n"  # 5 choices > max_batch_size=4
     assert complete(limited, "alpha").status_code == 200  # within every limit
 
 
@@ -102,20 +102,20 @@ def test_adapter_cache_evicts_least_recently_used_never_one_in_use(root):
 
         assert ask("alpha") == ["alpha"]  # loaded on demand
         assert ask("beta") == ["alpha", "beta"]
-        assert engine.sizes == {"alpha": adapter_bytes, "beta": adapter_bytes}
+        assert engine.adapters.sizes == {"alpha": adapter_bytes, "beta": adapter_bytes}
         assert ask("alpha") == ["alpha", "beta"]  # alpha is now the most recently used
         assert ask("gamma") == ["alpha", "gamma"]  # beta (least recently used) was evicted
-        assert engine.stats["evictions"] == 1
-        assert engine.acquire("gamma") == "gamma"  # a request in flight holds gamma ...
+        assert engine.metrics.value("lorakit_adapter_cache_evictions_total") == 1
+        assert engine.adapters.acquire("gamma") == "gamma"  # a request in flight holds gamma ...
         assert ask("alpha") == ["alpha", "gamma"]  # ... so although gamma is now LRU ...
         assert ask("beta") == ["beta", "gamma"]  # ... alpha is evicted instead
-        assert engine.acquire("beta") == "beta"  # both resident adapters in use: nothing can be evicted
+        assert engine.adapters.acquire("beta") == "beta"  # both resident adapters in use: nothing can be evicted
         full = complete(client, "alpha")
         assert full.status_code == 503 and full.json()["error"]["code"] == "adapter_cache_full"
-        engine.release(["gamma", "beta"])
+        engine.adapters.release(["gamma", "beta"])
         assert ask("alpha") == ["alpha", "beta"]  # gamma (LRU, now idle) evicted
-        assert sum(engine.sizes.values()) <= limit_mb * 1e6 and engine.stats["evictions"] == 3
-        assert not any(engine.in_use.values())  # every finished request released its adapter
+        assert sum(engine.adapters.sizes.values()) <= limit_mb * 1e6 and engine.metrics.value("lorakit_adapter_cache_evictions_total") == 3
+        assert not any(engine.adapters.in_use.values())  # every finished request released its adapter
     finally:
         engine.close()
 

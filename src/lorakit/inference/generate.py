@@ -9,6 +9,7 @@ row's first real token, so a row decodes to the same tokens whether it runs alon
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import inspect
 import os
 import re
@@ -20,45 +21,10 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.inference.sampling import RowText, Sampling, TokenLogprob, pick_tokens
 from lorakit.lora.injection import adapters_per_row, lora_layers
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-
-
-@dataclass
-class Sampling:
-    """How one row picks its next tokens."""
-
-    max_new_tokens: int = 64
-    """Stop after this many new tokens (finish_reason "length")."""
-    temperature: float = 0.0
-    """0 means greedy decoding; above 0, sample from softmax(logits / temperature)."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
-    top_k: int = 0
-    """Keep only the k most likely tokens (0 = all)."""
-    seed: int | None = None
-    """Seed of this row's own random generator, so a sampled answer does not depend on its batch neighbours."""
-    stop: list[str] = field(default_factory=list)
-    """Strings that end the answer (not included in it; finish_reason "stop")."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:
-            problems.append(f"temperature must be a number in [0, 100] (0 = greedy), got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            problems.append(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        if not all(isinstance(s, str) and s for s in self.stop):
-            problems.append(f"stop must be non-empty strings, got {self.stop!r}")
-        if problems:
-            raise LorakitError("Invalid sampling settings:\n  - " + "\n  - ".join(problems))
 
 
 @dataclass
@@ -76,6 +42,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" (end token or stop string) or "length"
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the row's sampling asked for them
 
 
 # ---------------------------------------------------------------------------------------------------- prompts
@@ -149,56 +116,6 @@ def _end_token_ids(model: nn.Module, tokenizer) -> set[int]:
     return ids
 
 
-def _pick_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: list) -> list[int]:
-    """Next token per row: argmax for greedy rows, else temperature / top-k / top-p sampling (row's own generator)."""
-    picked = logits.argmax(-1).tolist()  # (B,)
-    for i, s in enumerate(samplings):
-        if s.temperature == 0:
-            continue
-        scores = logits[i] / s.temperature  # (V,)
-        if s.top_k:
-            kth = torch.topk(scores, min(s.top_k, scores.numel())).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        probs = torch.softmax(scores, -1)
-        if s.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            drop = sorted_probs.cumsum(-1) - sorted_probs >= s.top_p  # tokens after the nucleus is full
-            probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-        picked[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
-    return picked
-
-
-class _RowText:
-    """Turns a row's growing token list into text deltas, holding back what may still become a stop string."""
-
-    def __init__(self, tokenizer, stop: list[str]):
-        self.tokenizer, self.stop = tokenizer, stop
-        self.hold = max((len(s) for s in stop), default=1) - 1
-        self.ids: list[int] = []
-        self.emitted = ""
-
-    def add(self, token: int) -> tuple[str, bool]:
-        """Append a token; return (new text safe to show, whether a stop string ended the row)."""
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            return self._emit(text[:cut]), True
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
-            return "", False
-        return self._emit(text[:len(text) - self.hold] if self.hold else text), False
-
-    def finish(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        return self._emit(text.rstrip("\ufffd"))  # a character cut off by the length limit is dropped
-
-    def _emit(self, text: str) -> str:
-        if not text.startswith(self.emitted) or len(text) <= len(self.emitted):
-            return ""
-        delta, self.emitted = text[len(self.emitted):], text
-        return delta
-
-
 def _cache_argument(model: nn.Module) -> str:
     """The name of the KV cache in the model's forward and output: `cache` in current transformers; older releases
     (and remote-code models written for them) call it `past_key_values`, which transformers now warns about."""
@@ -232,28 +149,35 @@ def generate_rows(model: nn.Module, tokenizer, rows: Sequence[Row],
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its own first real token
     generators = [torch.Generator().manual_seed(r.sampling.seed) if r.sampling.seed is not None else None
                   for r in rows]
-    texts = [_RowText(tokenizer, r.sampling.stop) for r in rows]
+    samplings = [r.sampling for r in rows]
+    texts = [RowText(tokenizer, s.stop) for s in samplings]
+    histories = [Counter() for _ in rows]
+    logprobs: list[list] = [[] for _ in rows]
     finish: list[str | None] = [None] * len(rows)
     cache = DynamicCache()
     cache_arg = _cache_argument(model)
     step_ids = input_ids
     with _routing(model, [r.adapter for r in rows]):
-        for step in range(max(r.sampling.max_new_tokens for r in rows)):
+        for step in range(max(s.max_new_tokens for s in samplings)):
             out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                         logits_to_keep=1, **{cache_arg: cache})
             if out.get(cache_arg) is not None:
                 cache = out[cache_arg]
-            picked = _pick_tokens(out.logits[:, -1, :].float(), [r.sampling for r in rows], generators)  # (B,)
+            forbidden = [end_ids if s.ignore_eos or step < s.min_tokens else set() for s in samplings]
+            picked, chosen = pick_tokens(out.logits[:, -1, :].float(), samplings, generators, histories, forbidden)
             for i, token in enumerate(picked):
                 if finish[i] is not None:
                     continue
-                if token in end_ids:
+                if token in end_ids and not samplings[i].ignore_eos:
                     finish[i] = "stop"
                     continue
+                histories[i][token] += 1
+                if chosen[i] is not None:
+                    logprobs[i].append(chosen[i])
                 delta, stopped = texts[i].add(token)
                 if stopped:
                     finish[i] = "stop"
-                elif len(texts[i].ids) >= rows[i].sampling.max_new_tokens:
+                elif len(texts[i].ids) >= samplings[i].max_new_tokens:
                     finish[i] = "length"
                     delta += texts[i].finish()
                 if delta and on_text is not None:
@@ -263,7 +187,9 @@ def generate_rows(model: nn.Module, tokenizer, rows: Sequence[Row],
             step_ids = torch.tensor([[t if f is None else pad_id] for t, f in zip(picked, finish)], device=device)
             mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)  # (B, T + step + 1)
             positions = positions[:, -1:] + 1
-    return [Completion(t.emitted, t.ids, f or "length", len(r.prompt_ids)) for t, f, r in zip(texts, finish, rows)]
+    return [Completion(t.emitted_text, t.ids, f or "length", len(r.prompt_ids),
+                       lp if r.sampling.logprobs is not None else None)
+            for t, f, r, lp in zip(texts, finish, rows, logprobs)]
 
 
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], adapters: Sequence[str | None] | str | None = None,
