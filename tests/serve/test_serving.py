@@ -1,8 +1,5 @@
 """A live uvicorn server on 127.0.0.1, driven with the official `openai` client (and httpx for the admin API)."""
 
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -11,9 +8,10 @@ import pytest
 
 import lorakit as lk
 from lorakit.inference.generate import Row, Sampling, encode_chat, encode_prompt, generate_rows
-from lorakit.serve.server import ServeConfig, build_engine, create_app
+from lorakit.serve.server import ServeConfig, build_engine
 
 from conftest import tiny_llama
+from live_server import running
 from tiny_text import make_adapter, save_tiny_lm
 
 TOKEN = "test-admin-token"
@@ -32,19 +30,8 @@ def live(tmp_path_factory):
     config = ServeConfig(model=str(root / "base"), adapters_dir=str(root / "adapters"), adapters=["alpha", "beta"],
                          admin_token=TOKEN, batch_wait_ms=150, max_tokens_limit=32)
     engine = build_engine(config)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
+    server = running(engine)
+    url = server.__enter__()
 
     # The reference: an independent copy of base + adapters, each prompt decoded alone.
     reference, tokenizer = lk.load_model(str(root / "base"))
@@ -54,12 +41,9 @@ def live(tmp_path_factory):
     def alone(ids, adapter, max_tokens=12):
         return generate_rows(reference, tokenizer, [Row(ids, adapter, Sampling(max_new_tokens=max_tokens))])[0].text
 
-    url = f"http://127.0.0.1:{port}"
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
     yield {"url": url, "client": client, "engine": engine, "tokenizer": tokenizer, "alone": alone}
-    server.should_exit = True
-    thread.join(timeout=10)
-    engine.close()
+    server.__exit__(None, None, None)
 
 
 def test_models_lists_base_and_resident_adapters(live):

@@ -87,20 +87,16 @@ class TokenLogprob:
     top: dict[int, float]
 
 
-def adjust_logits(logits: torch.Tensor, sampling: Sampling, generated: Counter, forbid: set[int]) -> torch.Tensor:
-    """One row's logits (V,) after logit_bias, OpenAI's frequency/presence penalties and forbidden (end) tokens."""
-    if sampling.adjusts_logits and (generated or sampling.logit_bias):
-        logits = logits.clone()
-        for token, bias in sampling.logit_bias.items():
-            if 0 <= token < logits.numel():
-                logits[token] += bias
-        if generated and (sampling.frequency_penalty or sampling.presence_penalty):
-            ids = torch.tensor(list(generated), dtype=torch.long)
-            counts = torch.tensor(list(generated.values()), dtype=logits.dtype)
-            logits[ids] -= counts * sampling.frequency_penalty + sampling.presence_penalty
-    if forbid:
-        logits = logits.clone() if not sampling.adjusts_logits else logits
-        logits[list(forbid)] = float("-inf")
+def adjust_logits(logits: torch.Tensor, sampling: Sampling, generated: Counter) -> torch.Tensor:
+    """One row's logits (V,) after logit_bias and OpenAI's frequency/presence penalties."""
+    logits = logits.clone()
+    for token, bias in sampling.logit_bias.items():
+        if 0 <= token < logits.numel():
+            logits[token] += bias
+    if generated and (sampling.frequency_penalty or sampling.presence_penalty):
+        ids = torch.tensor(list(generated), dtype=torch.long)
+        counts = torch.tensor(list(generated.values()), dtype=logits.dtype)
+        logits[ids] -= counts * sampling.frequency_penalty + sampling.presence_penalty
     return logits
 
 
@@ -110,14 +106,18 @@ def pick_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: lis
     """Next token per row of `logits` (B, V): argmax for greedy rows, else temperature / top-k / top-p sampling with
     the row's own generator; plus each row's log-probabilities when it asked for them.
 
-    `histories[i]` counts row i's generated tokens (for the penalties); `forbidden[i]` are tokens it may not pick yet.
+    `histories[i]` counts row i's generated tokens (for the penalties); `forbidden[i]` are tokens it may not pick yet
+    (end tokens under ignore_eos or min_tokens): they are excluded from the choice, not from the log-probabilities.
     """
-    rows = range(len(samplings))
-    adjusted = [histories is not None and (s.adjusts_logits or (forbidden and forbidden[i])) for i, s in
-                zip(rows, samplings)]
-    if any(adjusted):
-        logits = torch.stack([adjust_logits(logits[i], s, histories[i], forbidden[i] if forbidden else set())
-                              if adjusted[i] else logits[i] for i, s in zip(rows, samplings)])
+    if histories is not None and any(s.adjusts_logits for s in samplings):
+        logits = torch.stack([adjust_logits(logits[i], s, histories[i]) if s.adjusts_logits else logits[i]
+                              for i, s in enumerate(samplings)])
+    reported = logits  # what log-probabilities are computed from
+    if forbidden and any(forbidden):
+        logits = logits.clone()
+        for i, tokens in enumerate(forbidden):
+            if tokens:
+                logits[i, list(tokens)] = float("-inf")
     picked = logits.argmax(-1).tolist()  # (B,)
     for i, s in enumerate(samplings):
         if s.temperature == 0:
@@ -137,7 +137,7 @@ def pick_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: lis
         if s.logprobs is None:
             continue
         # Log-probabilities of the model's distribution after penalties and biases, before temperature (as vLLM).
-        logp = torch.log_softmax(logits[i].float(), -1)  # (V,)
+        logp = torch.log_softmax(reported[i].float(), -1)  # (V,)
         top = torch.topk(logp, s.logprobs) if s.logprobs else None
         logprobs[i] = TokenLogprob(picked[i], float(logp[picked[i]]),
                                    dict(zip(top.indices.tolist(), top.values.tolist())) if top is not None else {})

@@ -163,8 +163,8 @@ class Engine:
                 self._failed(seq.job, seq.index, ServeError(404, f"Adapter {seq.adapter!r} was unloaded before the "
                                                                  "request finished.", "model_not_found", "model"),
                              seq.adapter)
-            for src, dst, length in step.moves:
-                self.runner.move(src, dst, length)
+            for src, dst, seq in step.moves:
+                self.runner.move(src, dst, seq.cached)
             live = [s for s in self.scheduler.running if s is not None]
             if not live:
                 return

@@ -60,7 +60,7 @@ class Step:
 
     decode: list[Seq]
     chunks: list[tuple[Seq, int, int]]
-    moves: list[tuple[int, int, int]]  # (from slot, to slot, cached length) to apply before anything else
+    moves: list[tuple[int, int, Seq]]  # (from slot, to slot, row) to apply before anything else
 
     @property
     def tokens(self) -> int:
@@ -73,7 +73,7 @@ class Scheduler:
         self.max_row_tokens = max_row_tokens  # longest prompt + max_tokens one slot holds
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq | None] = [None] * slots  # by slot
-        self.moves: list[tuple[int, int, int]] = []
+        self.moves: list[tuple[int, int, Seq]] = []
 
     # -- admission -----------------------------------------------------------------------------------------------
     def refusal(self, prompt_tokens: int, max_tokens: int) -> str | None:
@@ -127,4 +127,5 @@ class Scheduler:
             mover = self.running[last]
             self.running[hole], self.running[last] = mover, None
             mover.slot = hole
-            self.moves.append((last, hole, mover.cached))
+            self.moves.append((last, hole, mover))  # its cached length is read when the move runs: the row may
+            # still take this step's token after this call
