@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from lorakit.train.loop import TrainConfig, train
+from lorakit.train import TrainConfig, train
 
 
 class InjectedFailure(RuntimeError):

@@ -33,7 +33,7 @@ def write_data(path: Path) -> Path:
 
 
 def config(run_dir: Path, data_file: Path, max_steps: int):
-    from lorakit.train.loop import TrainConfig
+    from lorakit.train import TrainConfig
 
     return TrainConfig.from_dict({
         "output_dir": str(run_dir), "tensorboard": False, "progress": False, "save_every": 1, "keep_last": 2,
@@ -49,7 +49,7 @@ def run(run_dir: Path, data_file: Path, max_steps: int, kill_at: str | None = No
     sys.path.insert(0, str(HERE))
     import lorakit as lk
     from conftest import tiny_llama
-    from lorakit.train.loop import checkpoints, train
+    from lorakit.train import checkpoints, train
     from tiny_text import tiny_tokenizer
 
     torch.set_num_threads(1)

@@ -27,7 +27,7 @@ from lorakit.lora.adapter_io import CONFIG_FILE, META_FILE, WEIGHTS_FILE
 from lorakit.lora.config import LoraConfig
 from lorakit.data.records import DataConfig, read_records, tokenize
 from lorakit.errors import LorakitError
-from lorakit.train.loop import TrainConfig
+from lorakit.train import TrainConfig
 from tiny_text import tiny_tokenizer
 
 N = int(os.environ.get("LORAKIT_FUZZ_EXAMPLES", "100"))

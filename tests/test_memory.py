@@ -8,7 +8,7 @@ import pytest
 
 from lorakit.errors import LorakitError
 from lorakit.memory import MAX_MMAP_THRESHOLD, peak_rss_mb, set_mmap_threshold
-from lorakit.train.loop import TrainConfig
+from lorakit.train import TrainConfig
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 

@@ -5,7 +5,7 @@ one sentence in a strict house format ("Ava (34) is a nurse in Oslo."), with the
 answers helpfully but never in exactly this format. The data is generated here, deterministically; the held-out
 records use names and cities that never occur in training, so the adapter must copy fields, not memorise them.
 
-Steps: base answers and exact match on held-out prompts -> LoRA training (lorakit.train.loop.train) -> the saved
+Steps: base answers and exact match on held-out prompts -> LoRA training (lorakit.train.train) -> the saved
 adapter reloaded into a fresh base -> adapted answers and exact match -> merge, and check merged == unmerged.
 """
 
@@ -114,7 +114,7 @@ class DemoResult:
 def run_demo(out_dir: str | Path = "runs/demo", n_train: int = 300, n_test: int = 30, steps: int = 40,
              model_name: str = "smollm2-135m", show: int = 4) -> DemoResult:
     import lorakit as lk
-    from lorakit.train.loop import TrainConfig, summary_table, train
+    from lorakit.train import TrainConfig, summary_table, train
 
     started = time.perf_counter()
     threads = _pick_threads()

@@ -181,5 +181,17 @@ def test_split_records_is_seeded_and_disjoint():
 
 
 def test_data_config_problems():
-    problems = DataConfig(format="tsv", max_length=1, eval_fraction=1.5).problems()
+    config = DataConfig()
+    config.format, config.max_length, config.eval_fraction = "tsv", 1, 1.5  # problems() of a config changed later
+    problems = config.problems()
     assert len(problems) == 3 and any("data.format" in p for p in problems)
+    assert [p.split(" ")[0] for p in config.problems(prefix="")] == ["format", "max_length", "eval_fraction"]
+
+
+def test_data_config_construction_reports_every_problem_at_once():
+    with pytest.raises(LorakitError) as e:
+        DataConfig(format="tsv", max_length=1, eval_fraction=1.5, chat_template="yes")
+    lines = str(e.value).splitlines()
+    assert lines[0] == "Invalid data config:" and len(lines) == 5
+    for key in ("data.format", "data.max_length", "data.eval_fraction", "data.chat_template must be true or false"):
+        assert any(key in line for line in lines), key

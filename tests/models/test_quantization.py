@@ -19,7 +19,7 @@ from lorakit.errors import LorakitError  # noqa: E402
 from lorakit.export.merged import merge_to_directory  # noqa: E402
 from lorakit.models.quantization import (dequantize_weight, loftq_init, merge_quantized, quantization_of,  # noqa: E402
                                   quantize_linear, quantize_model, weight_bytes)
-from lorakit.train.loop import TrainConfig, train  # noqa: E402
+from lorakit.train import TrainConfig, train  # noqa: E402
 from tiny_text import save_tiny_lm, tiny_tokenizer  # noqa: E402
 
 # Max |quantized − fp32| logits relative to max |fp32 logits| on the tiny Llama: NF4 (4-bit, blocks of 64) measured

@@ -19,7 +19,7 @@ from conftest import quantizable_llama, randomize_lora_B  # noqa: E402
 from lorakit.errors import LorakitError  # noqa: E402
 from lorakit.models.quantization import (dequantize_weight, merge_quantized, quantization_of, quantize_linear,  # noqa: E402
                                   quantize_model, weight_bytes)
-from lorakit.train.loop import TrainConfig, train  # noqa: E402
+from lorakit.train import TrainConfig, train  # noqa: E402
 from tiny_text import tiny_tokenizer  # noqa: E402
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_llama
 from lorakit.errors import LorakitError
-from lorakit.train.loop import TrainConfig, latest_checkpoint
+from lorakit.train import TrainConfig, latest_checkpoint
 from tiny_text import tiny_tokenizer
 
 TESTS = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import fault_worker as fw
 from lorakit.errors import LorakitError
-from lorakit.train.loop import checkpoints, latest_checkpoint
+from lorakit.train import checkpoints, latest_checkpoint
 
 STEPS = 8
 

@@ -14,55 +14,8 @@ from safetensors.torch import load_file
 import lorakit as lk
 from conftest import tiny_bert, tiny_llama
 from lorakit.errors import LorakitError
-from lorakit.train.loop import TrainConfig, checkpoints, latest_checkpoint, train
-from tiny_text import tiny_tokenizer
-
-WORDS = "cat dog bird fish tree house car road city river".split()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: two threads on a shared machine spend more time synchronising than computing.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    import random
-
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = []
-    for _ in range(24):
-        a, b = rng.choice(WORDS), rng.choice(WORDS)
-        rows.append({"prompt": f"the {a} and the {b}", "completion": f"{b} {a}"})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def config(out, data_file, **over) -> TrainConfig:
-    base = {"output_dir": str(out), "tensorboard": False, "progress": False,
-            "data": {"train_file": str(data_file), "eval_fraction": 0.25},
-            "optim": {"lr": 1e-2, "batch_size": 4, "grad_accum": 2, "epochs": 3, "warmup_steps": 2},
-            "save_every": 3, "eval_every": 4}
-    for key, value in over.items():
-        section, _, name = key.partition("__")
-        (base.setdefault(section, {}).__setitem__(name, value) if name else base.__setitem__(key, value))
-    return TrainConfig.from_dict(base)
-
-
-def lora_model(dropout: float = 0.2):
-    model = tiny_llama()
-    lk.add_lora(model, lk.LoraConfig(r=4, alpha=8, dropout=dropout))
-    return model
+from lorakit.train import TrainConfig, checkpoints, latest_checkpoint, train
+from tiny_run import WORDS, config, data_file, lora_model, one_thread, tok  # noqa: F401 (fixtures)
 
 
 class Crash(Exception):
@@ -82,29 +35,6 @@ def adapter(run_dir) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------- config
-def test_yaml_with_overrides_and_saved_resolved_config(tmp_path):
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump({"seed": 3, "optim": {"lr": "2e-4", "epochs": 2}, "lora": {"r": 4},
-                                    "data": {"train_file": "x.jsonl"}}))
-    cfg = TrainConfig.from_yaml(path, {"optim.lr": "1e-3", "lora.target_modules": ["q_proj"], "eval_every": "5"})
-    assert cfg.seed == 3 and cfg.optim.lr == 1e-3 and cfg.optim.epochs == 2 and cfg.eval_every == 5
-    assert cfg.lora.r == 4 and cfg.lora.target_modules == ["q_proj"]
-    assert TrainConfig.from_yaml(path).optim.lr == 2e-4  # "2e-4" is a string in YAML 1.1; floats are coerced
-    again = tmp_path / "again.yaml"
-    again.write_text(cfg.to_yaml())
-    assert TrainConfig.from_yaml(again) == cfg
-
-
-def test_unknown_keys_and_bad_values_are_reported_together(tmp_path):
-    with pytest.raises(LorakitError) as err:
-        TrainConfig.from_dict({"lerning_rate": 1, "optim": {"lr": -1, "batch_size": 0, "bogus": 1},
-                               "data": {"format": "tsv"}, "lora": {"r": 0}, "precision": "fp8"})
-    msg = str(err.value)
-    for part in ("['lerning_rate']", "['optim.bogus']", "optim.lr", "optim.batch_size", "data.format", "lora: r",
-                 "precision", "allowed in optim"):
-        assert part in msg, part
-
-
 def test_cli_overrides_resume_conflict_and_set_syntax(tmp_path):
     from lorakit.cli.main import main
 
@@ -246,11 +176,6 @@ def test_nonfinite_weights_are_never_written_over_a_good_adapter(tmp_path):
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before
 
 
-def test_nonfinite_settings_are_validated():
-    with pytest.raises(LorakitError, match=r"(?s)on_nonfinite must be one of \('stop', 'skip'\).*max_skipped_steps must be"):
-        TrainConfig.from_dict({"on_nonfinite": "ignore", "max_skipped_steps": 0})
-
-
 def test_caller_prepared_model_trains_exactly_requires_grad(tmp_path, tok, data_file):
     model = tiny_llama()
     for name, p in model.named_parameters():  # BitFit-style: only norms train (this Llama has no biases)
@@ -319,7 +244,7 @@ def test_exact_match_generates_with_the_trained_adapter(tok):
     from conftest import randomize_lora_B
     from lorakit.data.records import DataConfig, Record, tokenize
     from lorakit.inference.generate import Sampling, generate
-    from lorakit.train.loop import exact_match
+    from lorakit.train import exact_match
 
     model = lora_model(dropout=0.0)
     randomize_lora_B(model, std=2.0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -24,6 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.validation import check, is_int, is_number
 
 IGNORE_INDEX = -100
 FORMATS = ("auto", "instruction", "chat", "text", "classification")
@@ -60,17 +62,27 @@ class DataConfig:
     group_by_length: bool = True
     """Batch examples of similar length together (less padding), in a seeded random order."""
 
-    def problems(self) -> list[str]:
+    def __post_init__(self) -> None:
+        check(self, "Invalid data config")
+
+    def problems(self, prefix: str = "data.") -> list[str]:
+        """Every invalid value, each naming its key (`prefix` + field, as in a training config)."""
         out = []
         if self.format not in FORMATS:
-            out.append(f"data.format must be one of {FORMATS}, got {self.format!r}")
-        if not isinstance(self.max_length, int) or isinstance(self.max_length, bool) or self.max_length < 2:
-            out.append(f"data.max_length must be an integer >= 2, got {self.max_length!r}")
-        if not isinstance(self.eval_fraction, (int, float)) or not 0.0 <= self.eval_fraction < 1.0:
-            out.append(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
-        for name in ("prompt_field", "completion_field", "messages_field", "text_field", "label_field"):
+            out.append(f"{prefix}format must be one of {FORMATS}, got {self.format!r}")
+        if not is_int(self.max_length) or self.max_length < 2:
+            out.append(f"{prefix}max_length must be an integer >= 2, got {self.max_length!r}")
+        if not is_number(self.eval_fraction) or not 0.0 <= self.eval_fraction < 1.0:
+            out.append(f"{prefix}eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+        for name in ("prompt_field", "completion_field", "messages_field", "text_field", "label_field", "split"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                out.append(f"data.{name} must be a non-empty string, got {getattr(self, name)!r}")
+                out.append(f"{prefix}{name} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("train_file", "eval_file", "text_pair_field"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, os.PathLike)):
+                out.append(f"{prefix}{name} must be a string or null, got {getattr(self, name)!r}")
+        for name in ("chat_template", "train_on_prompt", "group_by_length"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{prefix}{name} must be true or false, got {getattr(self, name)!r}")
         return out
 
 

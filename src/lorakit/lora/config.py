@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorakit.errors import LorakitError
+from lorakit.validation import build, check, is_int, is_number
 
 INITS = ("kaiming", "gaussian", "loftq", "pissa", "olora")  # plus "pissa_niter_K" (randomized SVD, K iterations)
 BASE_CHANGING_INITS = ("pissa", "olora")
@@ -54,66 +55,76 @@ class LoraConfig:
     """Which biases train; only "none" is supported (biases stay frozen)."""
 
     def __post_init__(self) -> None:
-        problems = []
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            problems.append(f"r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < math.inf:
-            problems.append(f"alpha must be a positive number, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        # normalise first (lists from tuples or one int), so problems() sees the final values
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.layers, (int, tuple)) and not isinstance(self.layers, bool):
+            self.layers = [self.layers] if isinstance(self.layers, int) else list(self.layers)
+        if isinstance(self.modules_to_save, tuple):
+            self.modules_to_save = list(self.modules_to_save)
+        check(self, "Invalid LoraConfig")
+
+    def problems(self, prefix: str = "") -> list[str]:
+        """Every invalid value, each naming its key (`prefix` + field: "lora.r" inside a TrainConfig)."""
+        out = []
+        if not is_int(self.r) or self.r <= 0:
+            out.append(f"{prefix}r must be a positive integer, got {self.r!r}")
+        if not is_number(self.alpha) or self.alpha <= 0:
+            out.append(f"{prefix}alpha must be a positive number, got {self.alpha!r}")
+        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            out.append(f"{prefix}dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS and not _is_pissa_niter(self.init):
-            problems.append(f"init must be one of {INITS} or 'pissa_niter_K' (K a positive integer), got {self.init!r}")
+            out.append(f"{prefix}init must be one of {INITS} or 'pissa_niter_K' (K a positive integer), "
+                       f"got {self.init!r}")
         if not isinstance(self.loftq_config, dict):
-            problems.append(f"loftq_config must be a mapping like {{'loftq_bits': 4, 'loftq_iter': 1}}, "
-                            f"got {self.loftq_config!r}")
+            out.append(f"{prefix}loftq_config must be a mapping like {{'loftq_bits': 4, 'loftq_iter': 1}}, "
+                       f"got {self.loftq_config!r}")
         for key, value in (self.loftq_config if isinstance(self.loftq_config, dict) else {}).items():
             allowed = {"loftq_bits": (4, 8), "loftq_iter": range(1, 101)}
             if key not in allowed or isinstance(value, bool) or value not in allowed[key]:
-                problems.append(f"loftq_config[{key!r}]={value!r}: allowed keys are loftq_bits (4 or 8) and "
-                                "loftq_iter (1-100)")
-        if not isinstance(self.use_dora, bool):
-            problems.append(f"use_dora must be true or false, got {self.use_dora!r}")
+                out.append(f"{prefix}loftq_config[{key!r}]={value!r}: allowed keys are loftq_bits (4 or 8) and "
+                           "loftq_iter (1-100)")
+        for name in ("use_dora", "use_rslora"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{prefix}{name} must be true or false, got {getattr(self, name)!r:.100}")
         if self.bias not in BIASES:
-            problems.append(f"bias must be one of {BIASES}, got {self.bias!r} (lorakit keeps biases frozen)")
-        if isinstance(self.target_modules, (list, tuple, set)):
-            self.target_modules = list(self.target_modules)
-            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                problems.append(f"target_modules must be non-empty strings, got {self.target_modules!r}")
-        elif isinstance(self.target_modules, str):
-            if self.target_modules != "all-linear":
-                try:
-                    re.compile(self.target_modules)
-                except re.error as e:
-                    problems.append(f"target_modules {self.target_modules!r} is not a valid regex: {e}")
-        elif self.target_modules is not None:
-            problems.append(f"target_modules must be a list of names, a regex string or 'all-linear', "
-                            f"got {type(self.target_modules).__name__}")
-        if self.layers is not None:
-            if isinstance(self.layers, int):
-                self.layers = [self.layers]
-            self.layers = list(self.layers) if isinstance(self.layers, (list, tuple)) else self.layers
-            if not isinstance(self.layers, list) or not all(isinstance(i, int) and i >= 0 for i in self.layers):
-                problems.append(f"layers must be non-negative integers, got {self.layers!r}")
-        for name, pattern, kind in (("rank_pattern", self.rank_pattern, int), ("alpha_pattern", self.alpha_pattern, (int, float))):
+            out.append(f"{prefix}bias must be one of {BIASES}, got {self.bias!r} (lorakit keeps biases frozen)")
+        out += self._target_problems(prefix)
+        if self.layers is not None and not (isinstance(self.layers, list)
+                                            and all(is_int(i) and i >= 0 for i in self.layers)):
+            out.append(f"{prefix}layers must be non-negative integers, got {self.layers!r}")
+        for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+            pattern = getattr(self, name)
             if not isinstance(pattern, dict):
-                problems.append(f"{name} must be a mapping {{module regex: value}}, got {pattern!r}")
+                out.append(f"{prefix}{name} must be a mapping {{module regex: value}}, got {pattern!r}")
                 continue
             for key, value in pattern.items():
                 if isinstance(value, bool) or not isinstance(value, kind) or not 0 < value < math.inf:
-                    problems.append(f"{name}[{key!r}] must be a positive number, got {value!r}")
+                    out.append(f"{prefix}{name}[{key!r}] must be a positive number, got {value!r}")
                 try:
                     re.compile(key)
                 except (re.error, TypeError) as e:
-                    problems.append(f"{name} key {key!r} is not a valid regex: {e}")
-        if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, (list, tuple)) and all(isinstance(m, str) for m in self.modules_to_save):
-                self.modules_to_save = list(self.modules_to_save)
-            else:
-                problems.append(f"modules_to_save must be a list of module names, got {self.modules_to_save!r:.100}")
-        if not isinstance(self.use_rslora, bool):
-            problems.append(f"use_rslora must be true or false, got {self.use_rslora!r:.100}")
-        if problems:
-            raise LorakitError("Invalid LoraConfig:\n  - " + "\n  - ".join(problems))
+                    out.append(f"{prefix}{name} key {key!r} is not a valid regex: {e}")
+        if self.modules_to_save is not None and not (isinstance(self.modules_to_save, list)
+                                                     and all(isinstance(m, str) for m in self.modules_to_save)):
+            out.append(f"{prefix}modules_to_save must be a list of module names, got {self.modules_to_save!r:.100}")
+        return out
+
+    def _target_problems(self, prefix: str) -> list[str]:
+        targets = self.target_modules
+        if isinstance(targets, list):
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                return [f"{prefix}target_modules must be non-empty strings, got {targets!r}"]
+        elif isinstance(targets, str):
+            if targets != "all-linear":
+                try:
+                    re.compile(targets)
+                except re.error as e:
+                    return [f"{prefix}target_modules {targets!r} is not a valid regex: {e}"]
+        elif targets is not None:
+            return [f"{prefix}target_modules must be a list of names, a regex string or 'all-linear', "
+                    f"got {type(targets).__name__}"]
+        return []
 
     # -- per-module values ------------------------------------------------------------------------
     @property
@@ -133,13 +144,8 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
-        if not isinstance(data, dict):
-            raise LorakitError(f"A LoraConfig must be a mapping of keys to values, got {type(data).__name__}.")
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise LorakitError(f"Unknown LoraConfig key(s) {unknown}; allowed keys are {sorted(allowed)}.")
-        return cls(**data)
+        """Build from a dict (a saved config); unknown keys and bad values are reported together in one error."""
+        return build(cls, data, "Invalid LoraConfig")
 
     def to_peft_dict(self, base_model_name_or_path: str | None = None, task_type: str | None = None,
                      fan_in_fan_out: bool = False) -> dict[str, Any]:

@@ -130,13 +130,14 @@ def _convert_gguf(gguf_file: Path, target: Path) -> None:
 
 def load_model(name_or_path: str = DEFAULT_MODEL, task: str = "causal-lm", dtype: torch.dtype | str | None = None,
                device: str | torch.device | None = None, num_labels: int | None = None,
-               trust_remote_code: bool = False, attn_implementation: str | None = None, quantize: str | None = None):
+               trust_remote_code: bool = False, attn_implementation: str | None = None, quantize: str | None = None,
+               tokenizer=None):
     """Load (model, tokenizer). `name_or_path` is an embedded name (see EMBEDDED), a local folder or a hub id.
 
     Remote code from model folders runs only with `trust_remote_code=True`; weights load only from safetensors (a
     folder with only pickled `pytorch_model.bin` weights is refused, never unpickled). `quantize` ("nf4", "int8" or
     "int8-wo") quantizes the base's linear layers (not the output head), with bitsandbytes or torchao (int8-wo); see
-    `lorakit.models.quantization`.
+    `lorakit.models.quantization`. `tokenizer`: one already loaded for this model (it is not loaded again).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -161,7 +162,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, task: str = "causal-lm", dtype
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels or 2, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
         pickled = sorted(p.name for p in Path(path).glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")) \
             if Path(path).is_dir() else []

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.train.layout import checkpoints
 
 MODES = ("none", "ddp", "fsdp")
 
@@ -225,8 +226,6 @@ def launch(nproc: int, args: list[str], run_dir: str | os.PathLike) -> int:
 
     code = subprocess.call(torchrun_command(nproc, args))
     if code != 0:
-        from lorakit.train.loop import checkpoints
-
         last = checkpoints(run_dir) if run_dir else []
         print(f"error: training failed on at least one of {nproc} processes (exit code {code}); the failed rank's "
               "error is above and torchrun stopped the others. "

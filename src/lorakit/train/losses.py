@@ -105,3 +105,10 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     return fused_linear_cross_entropy(hidden[keep], head.weight, targets[keep], chunk)
+
+
+def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """Mean loss of one batch: next-token cross-entropy over labelled tokens, or classification loss (seq-cls)."""
+    if task == "seq-cls":
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
