@@ -43,6 +43,9 @@ class OptimConfig:
     """AdamW's moment decay rates."""
     eps: float = 1e-8
     """AdamW's denominator term."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (Hayou et al. 2024): the adapters' B matrices (linear and embedding) learn at lr × this ratio, the A
+    matrices and everything else at lr (the paper suggests 2-16, with a somewhat lower lr). null: plain LoRA."""
     schedule: str = "linear"
     """linear (decay to 0 after warmup), cosine, or constant."""
     warmup_steps: int = 0
@@ -77,6 +80,9 @@ class OptimConfig:
             out.append(f"{prefix}betas must be two numbers in [0, 1), got {self.betas!r}")
         if not is_number(self.eps) or self.eps <= 0:
             out.append(f"{prefix}eps must be a positive number, got {self.eps!r}")
+        if self.loraplus_lr_ratio is not None and (not is_number(self.loraplus_lr_ratio) or self.loraplus_lr_ratio <= 0):
+            out.append(f"{prefix}loraplus_lr_ratio must be a positive number (B's lr / A's lr, e.g. 16) or null, "
+                       f"got {self.loraplus_lr_ratio!r}")
         if self.schedule not in SCHEDULES:
             out.append(f"{prefix}schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not is_int(self.warmup_steps) or self.warmup_steps < 0:

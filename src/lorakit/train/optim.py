@@ -1,5 +1,5 @@
-"""The optimizer and its schedule: AdamW in parameter groups (weight decay on matrices only), the warmup-then-decay
-factor, and the clipped global gradient norm."""
+"""The optimizer and its schedule: AdamW in parameter groups (weight decay on matrices only; LoRA+ learning rates),
+the warmup-then-decay factor, and the clipped global gradient norm."""
 
 from __future__ import annotations
 
@@ -9,17 +9,44 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lorakit.errors import LorakitError
 from lorakit.train import distributed as dist
 from lorakit.train.config import OptimConfig
 
+B_FACTORS = ("lora_B.weight", "lora_embedding_B")
+"""The keys under which lorakit's LoRA layers name the B (up-projection) factor in `adapter_state`."""
+
+
+def lora_b_parameters(model: nn.Module) -> set[int]:
+    """ids of the B factors of every adapter (linear and embedding layers), found through the layers' adapter_state."""
+    from lorakit.lora.injection import lora_layers
+
+    return {id(p) for _, layer in lora_layers(model) for adapter in layer.adapters
+            for key, p in layer.adapter_state(adapter).items() if key in B_FACTORS}
+
+
 def build_optimizer(model: nn.Module, params: list[tuple[str, nn.Parameter]], config: OptimConfig
                     ) -> torch.optim.AdamW:
-    """AdamW over `params`: weight decay on matrices only (not on biases, norms or DoRA magnitudes)."""
+    """AdamW over `params`: weight decay on matrices only (not on biases, norms or DoRA magnitudes).
+
+    With `config.loraplus_lr_ratio` (LoRA+, Hayou et al. 2024), the B factors learn at lr × ratio in their own groups;
+    A factors and every other trainable parameter keep lr. As in PEFT's `create_loraplus_optimizer`, embedding
+    adapters count too, with one difference: PEFT gives both embedding factors a fixed lr (`loraplus_lr_embedding`,
+    1e-6); here the embedding B follows the ratio and its A the lr, like every other layer. Group order is fixed
+    (plain groups first), so a checkpoint's optimizer state resumes into the same groups.
+    """
+    ratio = config.loraplus_lr_ratio
+    fast = lora_b_parameters(model) if ratio is not None else set()
+    if ratio is not None and not any(id(p) in fast for _, p in params):
+        raise LorakitError(f"optim.loraplus_lr_ratio={ratio} scales the learning rate of LoRA B matrices, but none of "
+                           "the trainable parameters is one (a model without lorakit adapters?). Add an adapter "
+                           "(add_lora) or set optim.loraplus_lr_ratio to null.")
     groups = []
-    for decay in (True, False):
-        chosen = [p for _, p in params if (p.ndim >= 2) == decay]
-        if chosen:
-            groups.append({"params": chosen, "lr": config.lr, "weight_decay": config.weight_decay if decay else 0.0})
+    for is_fast, lr in ((False, config.lr), (True, config.lr * (ratio or 1.0))):
+        for decay in (True, False):
+            chosen = [p for _, p in params if (id(p) in fast) == is_fast and (p.ndim >= 2) == decay]
+            if chosen:
+                groups.append({"params": chosen, "lr": lr, "weight_decay": config.weight_decay if decay else 0.0})
     return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, foreach=False)
 
 
