@@ -131,5 +131,4 @@ def test_every_training_field_has_a_docstring():
         documented = {a.target.id for a, doc in zip(body, body[1:]) if isinstance(a, ast.AnnAssign)
                       and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
         undocumented[cls.__name__] = sorted({f.name for f in dataclasses.fields(cls)} - documented)
-    # lr stays undocumented: the CLI's tests use it as their example of a field without a docstring
-    assert undocumented == {"TrainConfig": [], "OptimConfig": ["lr"]}
+    assert undocumented == {"TrainConfig": [], "OptimConfig": []}

@@ -37,6 +37,7 @@ class OptimConfig:
     """AdamW with warmup and decay, as in the LoRA paper's recipes."""
 
     lr: float = 2e-4
+    """Peak learning rate (after warmup)."""
     weight_decay: float = 0.01
     """Applied to matrices only (not to biases or norms)."""
     betas: tuple[float, float] = (0.9, 0.999)
