@@ -68,6 +68,41 @@ def test_peft_adapter_loads_in_lorakit_with_same_logits(arch, ids, tmp_path):
     assert (got - logits(MODEL_FACTORIES[arch](), ids)).abs().max() > 1e-3
 
 
+def test_peft_dropout_and_init_reach_linear_layers_only(ids, tmp_path):
+    """PEFT ignores lora_dropout and init_lora_weights on embeddings; such an adapter loads here and trains alike:
+    same training-mode logits (same dropout masks on q_proj, none on the embedding) and the same gradients."""
+    targets = ["q_proj", "embed_tokens"]
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3,
+                                                               init_lora_weights="gaussian", target_modules=targets))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = lk.load_adapter(tiny_llama(), tmp_path / "peft", trainable=True)
+    assert lk.active_adapter(ours) == "default" and ours.lora_configs["default"].dropout == 0.3
+    assert isinstance(ours.model.layers[0].self_attn.q_proj.lora_dropout["default"], torch.nn.Dropout)
+    assert not hasattr(ours.model.embed_tokens, "lora_dropout")
+    outs, grads = [], []
+    for model in (theirs, ours):
+        model.train()
+        torch.manual_seed(11)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        outs.append(out.logits.detach())
+        grads.append({n.replace("base_model.model.", "").replace(".default.weight", ".default"): p.grad
+                      for n, p in model.named_parameters() if p.requires_grad})
+    with torch.no_grad():
+        evaluated = ours.train(False)(input_ids=ids).logits
+    diff = (outs[0] - outs[1]).abs().max().item()
+    worst = max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0])
+    print(f"PEFT dropout 0.3 + embedding, train mode: logits diff {diff:.2e}, grads diff {worst:.2e}")
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 2 * 2 + 2  # q_proj A, B in 2 layers; embedding A, B
+    assert diff < 1e-5 and worst < 1e-5
+    assert (outs[1] - evaluated).abs().max() > 1e-3  # dropout really acted on q_proj
+
+
 def test_saved_keys_and_config_fields_match_peft(tmp_path):
     peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     peft_model.save_pretrained(tmp_path / "peft")

@@ -7,6 +7,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import LorakitError
 from lorakit.lora.layers import LoraEmbedding, LoraLinear, merge_layer, unmerge_layer
+from lorakit.lora.variants import LoraVariant
 
 
 def test_fresh_adapter_reproduces_base_exactly():
@@ -121,3 +122,61 @@ def test_wrong_base_type():
         LoraLinear(nn.LayerNorm(4))
     with pytest.raises(LorakitError, match="nn.Embedding"):
         LoraEmbedding(nn.Linear(2, 2))
+
+
+def test_embedding_refuses_options_it_cannot_honour():
+    layer = LoraEmbedding(nn.Embedding(20, 8, padding_idx=0))
+    for option, shown in (({"dropout": 0.1}, "dropout=0.1"), ({"init": "gaussian"}, "init='gaussian'"),
+                          ({"use_dora": True}, "use_dora=True")):
+        with pytest.raises(LorakitError, match=rf"Embedding\(20, 8, padding_idx=0\) cannot honour {shown}"):
+            layer.add_adapter("a", r=2, alpha=2, **option)
+    assert layer.adapters == []  # nothing half-added
+    layer.add_adapter("a", r=2, alpha=2, dropout=0.0, init="kaiming", use_dora=False)  # the defaults are fine
+    assert set(dict(layer.named_parameters())) == {"base_layer.weight", "lora_embedding_A.a", "lora_embedding_B.a"}
+
+
+def test_base_changing_init_keeps_the_layer_to_itself():
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(8, 6))
+    layer.add_adapter("p", r=2, alpha=2, init="pissa")
+    with pytest.raises(LorakitError, match="fresh copy"):
+        layer.add_adapter("b", r=2, alpha=2)
+    other = LoraLinear(nn.Linear(8, 6))
+    other.add_adapter("b", r=2, alpha=2)
+    with pytest.raises(LorakitError, match="fresh copy"):
+        other.add_adapter("p", r=2, alpha=2, init="olora")
+    assert layer.adapters == ["p"] and other.adapters == ["b"]
+
+
+def test_a_new_variant_overrides_only_what_differs():
+    """The variant interface: a variant whose merged change does not read W needs only `delta` and `merged_delta`."""
+
+    class Halved(LoraVariant):  # ΔW/2
+        def delta(self, layer, name, x, y):
+            return 0.5 * super().delta(layer, name, x, y)
+
+        def merged_delta(self, layer, name):
+            return 0.5 * layer.delta_weight(name)
+
+    base = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    layer = LoraLinear(base)
+    layer.add_adapter("a", r=1, alpha=2)  # scale = 2
+    layer.variants["a"] = Halved()
+    with torch.no_grad():
+        layer.lora_A["a"].weight.copy_(torch.tensor([[1.0, 0.0, -1.0]]))
+        layer.lora_B["a"].weight.copy_(torch.tensor([[0.5], [1.0]]))
+    layer.active_adapter = "a"
+    x = torch.tensor([[1.0, 2.0, 4.0]])
+    # ΔW/2 = [[0.5, 0, -0.5], [1, 0, -1]]: base 17, 38 plus ΔW/2 x = -1.5, -3
+    assert torch.equal(layer(x), torch.tensor([[15.5, 35.0]]))
+    layer.merge("a")
+    layer.merge("a")  # idempotent
+    assert torch.equal(base.weight, torch.tensor([[1.5, 2.0, 2.5], [5.0, 5.0, 5.0]]))
+    assert torch.equal(layer(x), torch.tensor([[15.5, 35.0]]))
+    assert torch.equal(layer.unmerged_weight("a", base.weight), torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    layer.unmerge("a")
+    layer.unmerge("a")  # idempotent
+    assert torch.equal(base.weight, torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    assert torch.equal(layer(x), torch.tensor([[15.5, 35.0]]))

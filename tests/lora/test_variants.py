@@ -183,7 +183,7 @@ def test_base_changing_inits_are_exact_at_init_and_give_the_base_back(arch, init
     assert (after - before).abs().max() < 1e-5
     assert moved > 0.3  # the adapter really holds a large part of W, the base only the residual
     if init == "pissa":  # s·BA is W's best rank-r approximation
-        W = layer._weight_oi().float() + (top.T if layer.fan_in_fan_out else top)
+        W = layer.weight_oi().float() + (top.T if layer.fan_in_fan_out else top)
         U, S, Vh = torch.linalg.svd(W)
         assert (U[:, :4] @ torch.diag(S[:4]) @ Vh[:4] - (top.T if layer.fan_in_fan_out else top)).abs().max() < 1e-5
     perturb(model)

@@ -90,8 +90,7 @@ def _delta_lost(model: nn.Module, dtype: torch.dtype) -> float:
         if not isinstance(layer, LORA_LAYERS) or layer.active_adapter is None:
             continue
         w = layer.base_layer.weight.detach().float()
-        delta = layer.merged_delta(layer.active_adapter) if hasattr(layer, "merged_delta") \
-            else layer.delta_weight(layer.active_adapter)
+        delta = layer.merged_delta(layer.active_adapter)
         kept = (w + delta).to(dtype).float() - w.to(dtype).float()
         lost += float((kept - delta).pow(2).sum())
         total += float(delta.pow(2).sum())

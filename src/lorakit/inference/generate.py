@@ -22,7 +22,7 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.inference.sampling import RowText, Sampling, TokenLogprob, pick_tokens
-from lorakit.lora.injection import adapters_per_row, lora_layers
+from lorakit.lora.injection import adapters_per_row, merged_adapters
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
@@ -97,7 +97,7 @@ def resolve_adapter_dir(name_or_path: str, adapters_dir: str | os.PathLike | Non
 # ---------------------------------------------------------------------------------------------------- decoding
 def _routing(model: nn.Module, names: list[str | None]):
     """Per-row adapters; or, when an adapter is merged into the weights, plain forwards for rows that all ask for it."""
-    merged = {n for _, layer in lora_layers(model) for n in getattr(layer, "merged_adapters", [])}
+    merged = set(merged_adapters(model))
     if not merged:
         return adapters_per_row(model, names)
     if set(names) != merged:

@@ -21,7 +21,7 @@ from torch import nn
 from lorakit.lora.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.fsutil import atomic_directory, require_finite, write_json
-from lorakit.lora.injection import _require_adapter, active_adapter, add_lora, delete_adapter, lora_layers, set_adapter
+from lorakit.lora.injection import active_adapter, add_lora, delete_adapter, lora_layers, require_adapter, set_adapter
 from lorakit.lora.layers import LORA_LAYERS, is_quantized_weight
 
 CONFIG_FILE = "adapter_config.json"
@@ -35,7 +35,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # ---------------------------------------------------------------------------------------------------- state dicts
 def adapter_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's saved key names (adapter name removed)."""
-    _require_adapter(model, adapter)
+    require_adapter(model, adapter)
     state = {}
     for name, layer in lora_layers(model):
         if adapter in layer.adapters:
@@ -68,8 +68,7 @@ def _unmerged_weight(layer, original_of: str | None = None) -> torch.Tensor:
 
         weight = dequantize_weight(layer.base_layer)
     for name in layer.merged_adapters:
-        weight = (layer.dora_unmerged_weight(name) if name in getattr(layer, "lora_magnitude_vector", {})
-                  else weight.float() - layer.delta_weight(name))
+        weight = layer.unmerged_weight(name, weight)
     initial = layer.initial_delta(original_of) if original_of and hasattr(layer, "initial_delta") else None
     return (weight if initial is None else weight.float() + initial).detach()
 
@@ -160,7 +159,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     adapter = adapter or active_adapter(model)
     if adapter is None:
         raise LorakitError("save_adapter: the model has no adapter; call add_lora first or pass adapter=NAME.")
-    _require_adapter(model, adapter)
+    require_adapter(model, adapter)
     config: LoraConfig = model.lora_configs[adapter]
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter).items()}
     if convert_to_lora:

@@ -17,7 +17,7 @@ from torch import nn
 
 from lorakit.lora.config import LoraConfig
 from lorakit.errors import LorakitError
-from lorakit.lora.injection import _require_adapter, add_lora, lora_layers
+from lorakit.lora.injection import add_lora, lora_layers, require_adapter
 from lorakit.lora.layers import LORA_LAYERS, LoraEmbedding
 
 METHODS = ("linear", "cat", "svd")
@@ -40,7 +40,7 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
         raise LorakitError(f"combine_adapters needs one weight per adapter; got {len(adapters)} adapters and "
                            f"{len(weights)} weights.")
     for a in adapters:
-        _require_adapter(model, a)
+        require_adapter(model, a)
     if any(model.lora_configs[a].modules_to_save for a in adapters):
         raise LorakitError("combine_adapters combines LoRA updates only; adapters with modules_to_save "
                            f"({[a for a in adapters if model.lora_configs[a].modules_to_save]}) cannot be combined.")

@@ -17,8 +17,8 @@ from torch import nn
 
 from lorakit.lora.config import LoraConfig
 from lorakit.errors import LorakitError
-from lorakit.lora.layers import (ADAPTER_LAYERS, LORA_LAYERS, LoraEmbedding, LoraLinear, ModulesToSave, _is_conv1d,
-                            is_quantized_weight, merge_layer, unmerge_layer)
+from lorakit.lora.layers import (ADAPTER_LAYERS, LORA_LAYERS, LoraEmbedding, LoraLinear, ModulesToSave, is_conv1d,
+                                 is_quantized_weight)
 
 # The paper's choice (W_q, W_v) for architectures we know, used when `target_modules` is None.
 DEFAULT_TARGETS = {
@@ -33,10 +33,10 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|transformer_b
 
 # ---------------------------------------------------------------------------------------------------- finding targets
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Layers LoRA can wrap (or already wraps), skipping lorakit's own internals."""
     skip: list[str] = []
     for name, module in model.named_modules():
@@ -51,7 +51,7 @@ def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def _head_names(model: nn.Module) -> set[str]:
+def head_names(model: nn.Module) -> set[str]:
     heads = {n for n, _ in model.named_modules() if n.split(".")[-1] in HEAD_NAMES}
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
@@ -64,7 +64,7 @@ def default_targets(model: nn.Module) -> list[str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_TARGETS:
         return list(DEFAULT_TARGETS[model_type])
-    suffixes = {n.split(".")[-1] for n, m in _candidate_modules(model)}
+    suffixes = {n.split(".")[-1] for n, m in candidate_modules(model)}
     for pair in (["q_proj", "v_proj"], ["query", "value"], ["c_attn"], ["q", "v"]):
         if set(pair) <= suffixes:
             return pair
@@ -73,7 +73,7 @@ def default_targets(model: nn.Module) -> list[str]:
 
 
 def _describe_names(model: nn.Module) -> str:
-    names = [n for n, _ in _candidate_modules(model)]
+    names = [n for n, _ in candidate_modules(model)]
     counts = Counter(n.split(".")[-1] for n in names)
     shown = ", ".join(f"{s} (×{c})" if c > 1 else s for s, c in counts.most_common(25))
     examples = ", ".join(names[:6])
@@ -88,9 +88,9 @@ def _layer_index(name: str) -> int | None:
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs `config` selects, in model order. Errors name what exists when nothing matches."""
     targets = config.target_modules
-    heads = _head_names(model)
+    heads = head_names(model)
     found = []
-    for name, module in _candidate_modules(model):
+    for name, module in candidate_modules(model):
         base = module.base_layer if isinstance(module, LORA_LAYERS) else module
         if targets == "all-linear":
             hit = _is_linear(base) and name not in heads
@@ -109,7 +109,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     return found
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -124,7 +124,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def merged_adapters(model: nn.Module) -> list[str]:
     """The adapters merged into the base weights of any layer (sorted)."""
-    return sorted({n for _, layer in lora_layers(model) for n in getattr(layer, "merged_adapters", [])})
+    return sorted({n for _, layer in lora_layers(model) for n in layer.merged_adapters})
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -135,7 +135,7 @@ def active_adapter(model: nn.Module) -> str | None:
     return getattr(model, "lora_active", None)
 
 
-def _require_adapter(model: nn.Module, adapter: str) -> None:
+def require_adapter(model: nn.Module, adapter: str) -> None:
     names = adapter_names(model)
     if adapter not in names:
         raise LorakitError(f"No adapter named {adapter!r} on this model; adapters present: {names or 'none'}.")
@@ -146,6 +146,8 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = 
     """Wrap the layers `config` selects with LoRA, freeze everything but the new adapter, and return `model`.
 
     The adapter's weights are fp32 (fp64 on a fp64 base) unless `dtype` says otherwise, also on a bf16 or quantized base.
+    `config.dropout` and `config.init` shape the linear layers' adapters; an embedding target gets plain LoRA without
+    dropout and with its own init (A zero, B normal), as in PEFT, so adapters that list a dropout still load there.
 
     A model may hold several adapters; the first one added becomes active. The config stored on the model is
     resolved (default target modules filled in) and is what `save_adapter` writes.
@@ -156,7 +158,7 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = 
     configs = dict(getattr(model, "lora_configs", {}))
     if adapter in configs:
         raise LorakitError(f"An adapter named {adapter!r} already exists; use another name or delete_adapter first.")
-    if any(getattr(m, "merged_adapters", None) for _, m in lora_layers(model)):
+    if merged_adapters(model):
         raise LorakitError("Cannot add an adapter while others are merged into the base weights; unmerge first.")
     if config.target_modules is None:
         config = replace(config, target_modules=default_targets(model))
@@ -170,15 +172,18 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = 
             layer = module
         else:
             layer = LoraLinear(module) if _is_linear(module) else LoraEmbedding(module)
-            _set_submodule(model, name, layer)
-        variant = {"use_dora": True} if config.use_dora else {}
-        layer.add_adapter(adapter, config.rank_for(name), config.alpha_for(name), config.dropout, config.init,
-                          config.use_rslora, dtype=dtype, **variant)
+            set_submodule(model, name, layer)
+        r, alpha = config.rank_for(name), config.alpha_for(name)
+        if isinstance(layer, LoraEmbedding):  # DoRA and PiSSA/OLoRA on embeddings were refused above
+            layer.add_adapter(adapter, r, alpha, use_rslora=config.use_rslora, dtype=dtype)
+        else:
+            layer.add_adapter(adapter, r, alpha, config.dropout, config.init, config.use_rslora, dtype=dtype,
+                              use_dora=config.use_dora)
     for name in _modules_to_save_names(model, config):
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
-            _set_submodule(model, name, module)
+            set_submodule(model, name, module)
         module.add_adapter(adapter)
 
     configs[adapter] = config
@@ -209,7 +214,7 @@ def _modules_to_save_names(model: nn.Module, config: LoraConfig) -> list[str]:
         if not hits:
             raise LorakitError(f"modules_to_save entry {wanted!r} matched no module. "
                                f"Top-level modules: {[n for n, _ in model.named_children()]}; "
-                               f"heads seen: {sorted(_head_names(model)) or 'none'}.")
+                               f"heads seen: {sorted(head_names(model)) or 'none'}.")
         names += hits
     return names
 
@@ -231,8 +236,8 @@ def _mark_trainable(model: nn.Module, adapter: str) -> None:
 
 def set_adapter(model: nn.Module, adapter: str) -> None:
     """Make `adapter` the one used by forward passes (its weights keep their requires_grad)."""
-    _require_adapter(model, adapter)
-    merged = {n for _, l in lora_layers(model) for n in getattr(l, "merged_adapters", [])}
+    require_adapter(model, adapter)
+    merged = set(merged_adapters(model))
     if merged and merged != {adapter}:
         raise LorakitError(f"Adapter(s) {sorted(merged)} are merged into the base weights; unmerge before switching.")
     for _, layer in lora_layers(model):
@@ -242,10 +247,9 @@ def set_adapter(model: nn.Module, adapter: str) -> None:
 
 def delete_adapter(model: nn.Module, adapter: str) -> None:
     """Remove an adapter's weights and config from the model (it must not be merged)."""
-    _require_adapter(model, adapter)
-    for name, layer in lora_layers(model):
-        if adapter in getattr(layer, "merged_adapters", []):
-            raise LorakitError(f"Adapter {adapter!r} is merged into {name}; unmerge it before deleting.")
+    require_adapter(model, adapter)
+    if adapter in merged_adapters(model):
+        raise LorakitError(f"Adapter {adapter!r} is merged into the base weights; unmerge it before deleting.")
     for _, layer in list(lora_layers(model)):
         if adapter in layer.adapters:
             layer.remove_adapter(adapter)
@@ -264,7 +268,7 @@ def delete_adapter(model: nn.Module, adapter: str) -> None:
 def disable_adapters(model: nn.Module):
     """Inside this block the model computes exactly its base outputs (adapters must not be merged)."""
     layers = [l for _, l in lora_layers(model)]
-    merged = sorted({n for l in layers for n in getattr(l, "merged_adapters", [])})
+    merged = merged_adapters(model)
     if merged:
         raise LorakitError(f"Adapter(s) {merged} are merged into the base weights, so the base cannot be recovered "
                            "exactly; call unmerge(model) first.")
@@ -291,7 +295,7 @@ def adapters_per_row(model: nn.Module, names: Sequence[str | None]):
     if unknown:
         raise LorakitError(f"Unknown adapter(s) {unknown} in the per-row names; adapters present: {sorted(known)}.")
     layers = [l for _, l in lora_layers(model)]
-    if any(getattr(l, "merged_adapters", None) for l in layers):
+    if merged_adapters(model):
         raise LorakitError("A mixed batch needs unmerged adapters; call unmerge(model) first.")
     device = next(model.parameters()).device
     groups_all = {n: torch.tensor([i for i, m in enumerate(names) if m == n], device=device)
@@ -313,8 +317,8 @@ def merge(model: nn.Module, adapter: str | None = None) -> None:
     adapter = adapter or active_adapter(model)
     if adapter is None:
         raise LorakitError("merge: the model has no active adapter; pass adapter=NAME.")
-    _require_adapter(model, adapter)
-    merged = {n for _, l in lora_layers(model) for n in getattr(l, "merged_adapters", [])}
+    require_adapter(model, adapter)
+    merged = set(merged_adapters(model))
     if merged - {adapter}:
         raise LorakitError(f"Adapter(s) {sorted(merged - {adapter})} are already merged; unmerge before merging "
                            f"{adapter!r} (one merged adapter at a time keeps unmerge exact).")
@@ -323,7 +327,7 @@ def merge(model: nn.Module, adapter: str | None = None) -> None:
     with torch.no_grad():
         for _, layer in lora_layers(model):
             if isinstance(layer, LORA_LAYERS) and adapter in layer.adapters:
-                merge_layer(layer, adapter)
+                layer.merge(adapter)
 
 
 def unmerge(model: nn.Module) -> None:
@@ -332,7 +336,7 @@ def unmerge(model: nn.Module) -> None:
         for _, layer in lora_layers(model):
             if isinstance(layer, LORA_LAYERS):
                 for name in list(layer.merged_adapters):
-                    unmerge_layer(layer, name)
+                    layer.unmerge(name)
 
 
 def unload(model: nn.Module, merge_adapter: bool = True) -> nn.Module:
@@ -350,10 +354,10 @@ def unload(model: nn.Module, merge_adapter: bool = True) -> nn.Module:
             if not merge_adapter:  # removing adapters gives PiSSA/OLoRA's share back to the base
                 for adapter_name in layer.adapters:
                     layer.remove_adapter(adapter_name)
-            _set_submodule(model, name, layer.base_layer)
+            set_submodule(model, name, layer.base_layer)
         else:
             keep = layer.modules_to_save[adapter] if (merge_adapter and adapter in layer.adapters) else layer.original_module
-            _set_submodule(model, name, keep)
+            set_submodule(model, name, keep)
     for attr in ("lora_configs", "lora_active"):
         if hasattr(model, attr):
             delattr(model, attr)

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.lora.injection import (_candidate_modules, _head_names, _set_submodule, active_adapter, disable_adapters,
-                               lora_layers, merge, unload)
+from lorakit.lora.injection import (active_adapter, candidate_modules, disable_adapters, head_names, lora_layers, merge,
+                                    merged_adapters, set_submodule, unload)
 from lorakit.lora.layers import LoraLinear, is_quantized_weight
 
 METHODS = ("nf4", "int8", "int8-wo")
@@ -220,9 +220,9 @@ def weight_bytes(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------------- models
 def _base_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, layer) of every frozen base linear: plain ones and LoRA-wrapped ones, never heads or adapter weights."""
-    heads = _head_names(model)
+    heads = head_names(model)
     out = []
-    for name, module in _candidate_modules(model):
+    for name, module in candidate_modules(model):
         if name in heads:
             continue
         if isinstance(module, LoraLinear):
@@ -240,9 +240,10 @@ def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: torch.d
     where no layer can be quantized is refused.
     """
     _check_method(method)
-    merged = [n for n, l in lora_layers(model) if getattr(l, "merged_adapters", None)]
+    merged = merged_adapters(model)
     if merged:
-        raise LorakitError(f"Adapters are merged into {merged[:3]}; unmerge(model) before quantizing the base.")
+        raise LorakitError(f"Adapter(s) {merged} are merged into the base weights; unmerge(model) before quantizing "
+                           "the base.")
     done, kept = 0, {}
     for name, layer in _base_linears(model):
         current = quantization_method(layer)
@@ -256,7 +257,7 @@ def quantize_model(model: nn.Module, method: str = "nf4", compute_dtype: torch.d
         if reason:
             kept[name.removesuffix(".base_layer")] = reason
             continue
-        _set_submodule(model, name, quantize_linear(layer, method, compute_dtype))
+        set_submodule(model, name, quantize_linear(layer, method, compute_dtype))
         done += 1
     if not done and quantization_of(model) is None:
         if kept:
@@ -288,7 +289,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     """Replace every quantized base linear by a plain `nn.Linear` holding its dequantized weight, in place."""
     for name, layer in _base_linears(model):
         if is_quantized(layer):
-            _set_submodule(model, name, dequantize_linear(layer, dtype))
+            set_submodule(model, name, dequantize_linear(layer, dtype))
     return model
 
 
