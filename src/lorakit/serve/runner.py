@@ -111,8 +111,10 @@ class SlotRunner:
         h = self.inner.embed_tokens(x)  # (B, T, hidden)
         cos, sin = self.inner.rotary_emb(h, positions)
         batch, length = x.shape
+        index = torch.tensor(slots, device=self.device)
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        rows = slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, device=self.device)
+        rows = slice(slots[0], slots[0] + len(slots)) if contiguous else index  # a view when the slots are a block
+        pos = positions[:, 0]
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         for layer, kc, vc in zip(self.inner.layers, self.keys, self.values):
@@ -123,10 +125,8 @@ class SlotRunner:
             v = attn.v_proj(y).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             if start is None:  # decode: row i writes its one token at its own length
-                idx = torch.tensor(slots, device=self.device)
-                pos = positions[:, 0]
-                kc[idx, :, pos] = k[:, :, 0]
-                vc[idx, :, pos] = v[:, :, 0]
+                kc[index, :, pos] = k[:, :, 0]
+                vc[index, :, pos] = v[:, :, 0]
             else:
                 kc[slots[0], :, start:start + length] = k[0]
                 vc[slots[0], :, start:start + length] = v[0]
