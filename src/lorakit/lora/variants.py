@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.lora.config import BASE_CHANGING_INITS
+
 if TYPE_CHECKING:  # layers.py imports this module; the annotations only name its classes
     from lorakit.lora.layers import LoraEmbedding, LoraLinear
 
@@ -140,7 +142,7 @@ class Dora(LoraVariant):
 # ---------------------------------------------------------------------------------------------------- inits
 def changes_base(init: str) -> bool:
     """PiSSA (also pissa_niter_K) and OLoRA move the top of W into the adapter; the base keeps the residual."""
-    return init.startswith("pissa") or init == "olora"
+    return init.startswith(BASE_CHANGING_INITS)
 
 
 def init_adapter(layer: LoraLinear, name: str, init: str) -> None:
