@@ -102,9 +102,9 @@ def peak_rss_mb(pid: int) -> float:
 class Server:
     """`lorakit serve` in its own process, configured through ServeConfig (the CLI flags are generated from it)."""
 
-    def __init__(self, scheduler: str, adapters_dir: Path, model: str, threads: int, batch: int):
+    def __init__(self, scheduler: str, adapters_dir: Path, model: str, threads: int, batch: int, dtype: str):
         self.port = free_port()
-        config = dict(model=model, adapters_dir=str(adapters_dir), port=self.port, scheduler=scheduler,
+        config = dict(model=model, adapters_dir=str(adapters_dir), port=self.port, scheduler=scheduler, dtype=dtype,
                       max_batch_size=batch, max_tokens_limit=512, max_step_tokens=batch + 256, prefill_chunk=256)
         code = ("import sys; from lorakit.serve.server import ServeConfig, serve; "
                 f"serve(ServeConfig(**{config!r}))")
@@ -152,10 +152,14 @@ def send(client, request: dict) -> dict:
             "finish": finish}
 
 
-def drive(url: str, requests: list[dict], times: list[float]) -> tuple[list[dict], float, int]:
+def openai_client(url: str):
     import openai
 
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
+
+
+def drive(url: str, requests: list[dict], times: list[float]) -> tuple[list[dict], float, int]:
+    client = openai_client(url)
     results, errors, lock = [None] * len(requests), [], threading.Lock()
 
     def one(i: int) -> None:
@@ -203,7 +207,11 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="*", default=[1.0, 2.0, 4.0],
                         help="Poisson arrival rates (requests/s); the burst always runs")
     parser.add_argument("--mixes", nargs="*", default=["uniform", "80/20"], choices=["uniform", "80/20"])
-    parser.add_argument("--schedulers", nargs="*", default=["static", "continuous"], choices=["static", "continuous"])
+    parser.add_argument("--servers", nargs="*", default=["static", "continuous"],
+                        choices=["static", "continuous", "continuous-bf16"],
+                        help="continuous-bf16: the continuous scheduler on a bf16 base (LoRA weights stay fp32)")
+    parser.add_argument("--single", type=int, default=4,
+                        help="requests sent one at a time (prompt 32 tokens, 128 new) for single-stream decode speed")
     parser.add_argument("--prompt-len", type=int, nargs=2, default=[16, 256])
     parser.add_argument("--max-new", type=int, nargs=2, default=[16, 128])
     parser.add_argument("--adapters", type=int, default=16)
@@ -224,9 +232,19 @@ def main() -> None:
         from lorakit.models.loading import load_model
 
         vocab = len(load_model(args.model)[1])
-        rows, outputs = [], {}
-        for scheduler in args.schedulers:
-            server = Server(scheduler, folder, args.model, args.threads, args.batch)
+        rows, outputs, alone_mismatch = [], {}, None
+        for scheduler in args.servers:
+            server = Server(scheduler.split("-")[0], folder, args.model, args.threads, args.batch,
+                            "bfloat16" if scheduler.endswith("bf16") else "float32")
+            if args.single:
+                requests = workload(args.single, args.seed + 7, names, "uniform", (32, 32), (128, 128), vocab)
+                results = [send(openai_client(server.url), r) for r in requests]
+                decode = [1 / r["tpot"] for r in results]
+                row = {"scheduler": scheduler, "arrival": "one at a time", "mix": "uniform",
+                       **summarize(results, sum(r["latency"] for r in results), 0),
+                       "single_stream_decode_tok_s_p50": round(pct(decode, 0.5), 1)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
             for rate, mix in scenarios:
                 requests = workload(args.requests, args.seed, names, mix, args.prompt_len, args.max_new, vocab)
                 results, wall, errors = drive(server.url, requests, arrivals(len(requests), rate, args.seed))
@@ -235,23 +253,20 @@ def main() -> None:
                 rows.append(row)
                 outputs[scheduler, arrival, mix] = {r["id"]: r["text"] for r in results}
                 print(json.dumps(row), flush=True)
-            alone_mismatch = None
             if scheduler == "continuous" and args.alone:
                 requests = workload(args.requests, args.seed, names, "uniform", args.prompt_len, args.max_new, vocab)
                 under_load = outputs[scheduler, "burst", "uniform"] if "uniform" in args.mixes else {}
-                alone = [send(__import__("openai").OpenAI(base_url=server.url + "/v1", api_key="unused",
-                                                          max_retries=0, timeout=3600), r)
-                         for r in requests[:args.alone]]
+                alone = [send(openai_client(server.url), r) for r in requests[:args.alone]]
                 alone_mismatch = sum(a["text"] != under_load.get(a["id"]) for a in alone)
             rss = server.stop()
             for row in rows:
                 if row["scheduler"] == scheduler:
                     row["peak_rss_mib"] = round(rss)
-            if alone_mismatch is not None:
+            if scheduler == "continuous" and alone_mismatch is not None:
                 print(f"continuous: {alone_mismatch} of {args.alone} requests differ from the same request alone",
                       flush=True)
     same = {}
-    if len(args.schedulers) == 2:
+    if "static" in args.servers and "continuous" in args.servers:
         for rate, mix in scenarios:
             arrival = "burst" if rate is None else f"Poisson {rate:g}/s"
             a, b = outputs["static", arrival, mix], outputs["continuous", arrival, mix]
@@ -261,19 +276,26 @@ def main() -> None:
              f"SmolLM2-135M-Instruct fp32, {args.adapters} LoRA adapters (r=8, q,v), {args.requests} requests, prompts "
              f"{args.prompt_len[0]}–{args.prompt_len[1]} tokens, {args.max_new[0]}–{args.max_new[1]} new tokens "
              f"(ignore_eos, greedy), max_batch_size {args.batch}, {args.threads} threads, openai client streaming.", "",
-             "| scheduler | arrival | adapters | ok | errors | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | "
+             "| server | arrival | adapters | ok | errors | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | "
              "TPOT p99 ms | peak RSS MiB |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['scheduler']} | {r['arrival']} | {r['mix']} | {r['requests_ok']} | {r['errors']} | "
                      f"{r['output_tok_s']} | {r['ttft_p50_s']} | {r['ttft_p99_s']} | {r['tpot_p50_ms']} | "
                      f"{r['tpot_p99_ms']} | {r.get('peak_rss_mib')} |")
-    for key in {(r["arrival"], r["mix"]) for r in rows}:
+    lines.append("")
+    for key in dict.fromkeys((r["arrival"], r["mix"]) for r in rows):
         tput = {r["scheduler"]: r["output_tok_s"] for r in rows if (r["arrival"], r["mix"]) == key}
-        if len(tput) == 2:
-            lines.append(f"\n{key[0]} {key[1]}: continuous / static = {tput['continuous'] / tput['static']:.2f}x")
+        for other in ("continuous", "continuous-bf16"):
+            if "static" in tput and other in tput:
+                lines.append(f"- {key[0]}, {key[1]}: {other} / static output tok/s = "
+                             f"{tput[other] / tput['static']:.2f}x")
+    for r in rows:
+        if "single_stream_decode_tok_s_p50" in r:
+            lines.append(f"- single stream with an adapter, {r['scheduler']}: {r['single_stream_decode_tok_s_p50']} "
+                         "tok/s decode (1 / TPOT p50)")
     if same:
         lines.append(f"\nGreedy outputs, static vs continuous, request by request: {same}")
-    if args.schedulers[-1] == "continuous" and args.alone:
+    if "continuous" in args.servers and args.alone:
         lines.append(f"Continuous under load (burst, uniform) vs the same request alone: {alone_mismatch} of "
                      f"{args.alone} differ.")
     text = "\n".join(lines) + "\n"

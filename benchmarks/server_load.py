@@ -241,7 +241,7 @@ def run(clients: int, seconds: float, seed: int = 0, rss_bound_mb: float = 150.0
         "latency_s": {f"p{q}": round(percentile(load.latencies, q / 100), 3) for q in (50, 95, 99)},
         "rss_mb": {"after_warmup": round(rss[0], 1), "peak": round(max(rss), 1), "end": round(rss[-1], 1)},
         "rss_growth_mb": round(max(rss) - rss[0], 1), "rss_bound_mb": rss_bound_mb,
-        "server_alive": alive, "evictions": health.get("evictions"), "batches": health.get("batches"),
+        "server_alive": alive, "evictions": health.get("evictions"), "steps": health.get("steps"), "scheduler": health.get("scheduler"),
         "largest_batch": health.get("largest_batch"),
     }
     errors = sum(v for k, v in c.items() if "MISMATCH" in k or "unexpected" in k or "error" in k

@@ -4,6 +4,8 @@ directory, request size limits, and the adapter cache's memory limit with least-
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -87,7 +89,7 @@ def test_adapter_cache_evicts_least_recently_used_never_one_in_use(root):
     adapter_bytes = 896 * 4  # r=4 on q (32x32) and v (16x32) in 2 layers: 896 fp32 numbers
     file_bytes = (root / "adapters" / "alpha" / WEIGHTS_FILE).stat().st_size
     limit_mb = (adapter_bytes + file_bytes + 500) / 1e6  # room for two resident adapters, not three
-    engine, client = start(root, adapters=[], max_adapter_mb=limit_mb)
+    engine, client = start(root, adapters=[], max_adapter_mb=limit_mb, adapter_wait_s=0.3)
     reference, tok = lk.load_model(str(root / "base"))
     for name in NAMES:
         lk.load_adapter(reference, root / "adapters" / name, adapter=name)
@@ -110,11 +112,20 @@ def test_adapter_cache_evicts_least_recently_used_never_one_in_use(root):
         assert ask("alpha") == ["alpha", "gamma"]  # ... so although gamma is now LRU ...
         assert ask("beta") == ["beta", "gamma"]  # ... alpha is evicted instead
         assert engine.adapters.acquire("beta") == "beta"  # both resident adapters in use: nothing can be evicted
-        full = complete(client, "alpha")
+        full = complete(client, "alpha")  # waits adapter_wait_s for an adapter to go idle, then 503
         assert full.status_code == 503 and full.json()["error"]["code"] == "adapter_cache_full"
-        engine.adapters.release(["gamma", "beta"])
-        assert ask("alpha") == ["alpha", "beta"]  # gamma (LRU, now idle) evicted
-        assert sum(engine.adapters.sizes.values()) <= limit_mb * 1e6 and engine.metrics.value("lorakit_adapter_cache_evictions_total") == 3
+        waiting = threading.Thread(target=lambda: answers.append(complete(client, "alpha")))
+        answers = []
+        waiting.start()
+        time.sleep(0.1)
+        engine.adapters.release(["beta"])  # beta goes idle while the request waits: it is evicted, alpha answers
+        waiting.join()
+        assert answers[0].status_code == 200 and answers[0].json()["choices"][0]["text"] == alone["alpha"]
+        assert sorted(engine.loaded()) == ["alpha", "gamma"]
+        engine.adapters.release(["gamma"])
+        assert ask("beta") == ["alpha", "beta"]  # gamma (LRU, now idle) evicted
+        evictions = engine.metrics.value("lorakit_adapter_cache_evictions_total")
+        assert sum(engine.adapters.sizes.values()) <= limit_mb * 1e6 and evictions == 4
         assert not any(engine.adapters.in_use.values())  # every finished request released its adapter
     finally:
         engine.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from pathlib import Path
 
 from torch import nn
@@ -19,12 +20,17 @@ from lorakit.serve.config import ServeConfig, ServeError
 from lorakit.serve.metrics import Metrics
 
 
+class _CacheFull(Exception):
+    """Every resident adapter is in use, so none can be evicted now."""
+
+
 class AdapterCache:
     def __init__(self, model: nn.Module, config: ServeConfig, model_lock: threading.Lock, metrics: Metrics):
         self.model, self.config, self.model_lock, self.metrics = model, config, model_lock, metrics
         self.adapters_dir = Path(config.adapters_dir).resolve()
         self.base_name = config.base_name or Path(config.model.rstrip("/")).name
         self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)  # notified when a row releases its adapter
         self.in_use: dict[str, int] = {}  # adapter -> rows submitted and not finished
         self.last_used: dict[str, int] = {}  # adapter -> tick of its latest request (LRU order)
         self.sizes: dict[str, int] = {}  # adapter -> bytes of its weights
@@ -87,8 +93,7 @@ class AdapterCache:
             while sum(self.sizes.values()) + incoming > limit:
                 idle = [a for a in self.sizes if not self.in_use.get(a)]
                 if not idle:
-                    raise ServeError(503, f"The adapter cache ({self.config.max_adapter_mb} MB) is full of adapters "
-                                          f"in use ({sorted(self.sizes)}); retry shortly.", "adapter_cache_full")
+                    raise _CacheFull()
                 victim = min(idle, key=lambda a: self.last_used.get(a, -1))
                 delete_adapter(self.model, victim)
                 self._forget(victim)
@@ -122,22 +127,35 @@ class AdapterCache:
                 self.last_used[adapter] = next(self.ticks)
                 self.metrics.inc("lorakit_adapter_cache_hits_total")
                 return adapter
-        with self.model_lock:  # loads and evictions happen under model_lock: the adapter stays between check and mark
-            if adapter not in self.loaded():
-                self._load_locked(adapter, self.folder(adapter))
-                self.metrics.inc("lorakit_adapter_cache_misses_total")
-            else:
-                self.metrics.inc("lorakit_adapter_cache_hits_total")
-            with self.lock:
-                self.in_use[adapter] = self.in_use.get(adapter, 0) + rows
-                self.last_used[adapter] = next(self.ticks)
-        return adapter
+        deadline = time.monotonic() + self.config.adapter_wait_s
+        while True:
+            try:
+                with self.model_lock:  # loads and evictions happen under model_lock: it stays between check and mark
+                    if adapter not in self.loaded():
+                        self._load_locked(adapter, self.folder(adapter))
+                        self.metrics.inc("lorakit_adapter_cache_misses_total")
+                    else:
+                        self.metrics.inc("lorakit_adapter_cache_hits_total")
+                    with self.lock:
+                        self.in_use[adapter] = self.in_use.get(adapter, 0) + rows
+                        self.last_used[adapter] = next(self.ticks)
+                return adapter
+            except _CacheFull:  # every resident adapter is in use: wait (without the model) for one to go idle
+                with self.idle:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self.idle.wait(timeout=left):
+                        raise ServeError(503, f"The adapter cache ({self.config.max_adapter_mb} MB) stayed full of "
+                                              f"adapters in use ({sorted(self.sizes)}) for adapter_wait_s="
+                                              f"{self.config.adapter_wait_s} s; retry shortly.",
+                                         "adapter_cache_full") from None
 
     def release(self, adapters: list[str | None]) -> None:
         with self.lock:
             for a in adapters:
                 if a is not None and self.in_use.get(a):
                     self.in_use[a] -= 1
+                    if not self.in_use[a]:
+                        self.idle.notify_all()
 
     def resolve(self, model_id: str, on_demand: bool = False) -> str | None:
         """The adapter a request's `model` field selects (None = base); 400 for invalid names, 404 for unknown

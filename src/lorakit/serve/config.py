@@ -54,6 +54,9 @@ class ServeConfig:
     """Adapter cache: the resident adapters' weights stay under this many MB. A request for an adapter folder that
     is not loaded loads it, evicting the least recently used adapters that no request is using. None: no cache
     (only start-up and admin-loaded adapters are served; no eviction)."""
+    adapter_wait_s: float = 30.0
+    """A request for an adapter that is not resident while every resident one is in use waits this long for one to
+    go idle (then 503 adapter_cache_full)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -85,6 +88,8 @@ class ServeConfig:
         if self.max_adapter_mb is not None and (not isinstance(self.max_adapter_mb, (int, float))
                                                 or not self.max_adapter_mb > 0):
             problems.append(f"max_adapter_mb must be a positive number or None, got {self.max_adapter_mb!r}")
+        if not isinstance(self.adapter_wait_s, (int, float)) or not 0 <= self.adapter_wait_s <= 3600:
+            problems.append(f"adapter_wait_s must be in [0, 3600], got {self.adapter_wait_s!r}")
         if self.admin_token is not None and len(self.admin_token) < 8:
             problems.append("admin_token must be at least 8 characters")
         for name in self.adapters or []:
