@@ -5,7 +5,8 @@ import pytest
 
 from lorakit.errors import LorakitError
 from lorakit.inference.chat import chat, chat_turn
-from lorakit.inference.generate import Row, Sampling, encode_chat, generate_rows
+from lorakit.inference.generate import Row, encode_chat, generate_rows
+from lorakit.inference.sampling import Sampling
 
 from conftest import tiny_llama
 from tiny_text import make_adapter, tiny_tokenizer

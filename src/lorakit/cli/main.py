@@ -7,31 +7,46 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
+from lorakit.cli.options import Flag, all_flags, config_options, nested
+from lorakit.data.benchmarks import DEFAULT_DATA_DIR
 from lorakit.errors import LorakitError
+from lorakit.eval.evaluate import EvalConfig
+from lorakit.inference.sampling import Sampling
+from lorakit.serve.config import ServeConfig
+from lorakit.train import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LoRA fine-tuning for PyTorch / Hugging Face models.")
 
-DEFAULT_DATA_DIR = Path("../shared/data")
+
+def _parse_targets(value: Optional[str]):
+    """--target-modules: comma-separated names, one name, 'all-linear', or a regex."""
+    if value is None or value == "all-linear":
+        return value
+    if "," in value or value.isidentifier():
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value  # a regex
+
+
+TARGETS_FLAG = Flag("lora.target_modules", annotation=str, parse=_parse_targets)
 
 
 @app.command()
+@config_options(TrainConfig, [Flag("lora.r"), TARGETS_FLAG])
 def inspect(
     model: str = typer.Option("smollm2-135m", help="Embedded model name, local model folder or hub id."),
-    target_modules: Optional[str] = typer.Option(None, help="Comma-separated names, a regex, or 'all-linear'."),
-    r: int = typer.Option(8, help="LoRA rank."),
     task: str = typer.Option("causal-lm", help="causal-lm or seq-cls."),
+    *, values: dict[str, Any],
 ) -> None:
     """Show what an adapter on MODEL would train: parameters per module, total, % of the model, size."""
     from lorakit import LoraConfig, add_lora, load_model, trainable_parameters
 
     base, _ = load_model(model, task=task)
-    targets = _parse_targets(target_modules)
-    add_lora(base, LoraConfig(r=r, target_modules=targets))
+    add_lora(base, LoraConfig(**nested(values)["lora"]))
     report = trainable_parameters(base)
     for name, count, note in report.per_module:
         typer.echo(f"{name:60s} {count:>10,}  {note}")
@@ -55,39 +70,26 @@ def adapter_info(path: Path = typer.Argument(..., help="An adapter folder (lorak
                    f"({meta.get('base_model_class')})")
 
 
-def _parse_targets(value: Optional[str]):
-    if value is None or value == "all-linear":
-        return value
-    if "," in value or value.isidentifier():
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return value  # a regex
+EVAL_FLAGS = [Flag("task"), Flag("split"), Flag("limit"), Flag("data_dir"), Flag("max_length"),
+              Flag("generation.decoding"), Flag("generation.num_beams"), Flag("generation.max_new_tokens"),
+              Flag("generation.batch_size"), Flag("generation.bf16")]
 
 
 @app.command("eval")
+@config_options(EvalConfig, EVAL_FLAGS)
 def eval_(
     adapters: Optional[list[Path]] = typer.Argument(None, help="Adapter folders to evaluate (several in one call)."),
-    task: str = typer.Option("e2e", help="e2e, sst2, mrpc, rte, cola or stsb."),
     model: str = typer.Option("smollm2-135m", help="Base model: embedded name, model folder (e.g. a merged model) or hub id."),
     base: bool = typer.Option(True, help="Also evaluate the base model without adapters."),
     merge: bool = typer.Option(False, help="Merge each adapter into the weights before evaluating it."),
-    data_dir: Path = typer.Option(DEFAULT_DATA_DIR, help="The shared benchmark data folder."),
-    split: Optional[str] = typer.Option(None, help="dev (E2E) / validation (GLUE) by default."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N examples."),
-    decoding: str = typer.Option("greedy", help="greedy or beam."),
-    num_beams: int = typer.Option(4, help="Beams for --decoding beam."),
-    max_new_tokens: int = typer.Option(64, help="New tokens per output at most."),
-    batch_size: int = typer.Option(16, help="Prompts (or texts) per batch."),
-    bf16: bool = typer.Option(False, help="bfloat16 autocast for generation (faster on CPU)."),
     out: Optional[Path] = typer.Option(None, help="Write results.json, results.md and outputs/*.jsonl here."),
+    *, values: dict[str, Any],
 ) -> None:
     """Score the base model and/or adapters on a benchmark (E2E: BLEU, NIST, METEOR, ROUGE-L, CIDEr; GLUE metrics)."""
-    from lorakit.eval.evaluate import EvalConfig, GenerationConfig, evaluate_many, results_table
+    from lorakit.eval.evaluate import evaluate_many, results_table
 
-    config = EvalConfig(task=task, split=split, limit=limit, data_dir=str(data_dir),
-                        generation=GenerationConfig(decoding=decoding, num_beams=num_beams,
-                                                    max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=bf16))
-    report = evaluate_many(config, model=model, adapters=[str(a) for a in adapters or []], include_base=base,
-                           merge=merge, out_dir=out)
+    report = evaluate_many(EvalConfig(**nested(values)), model=model, adapters=[str(a) for a in adapters or []],
+                           include_base=base, merge=merge, out_dir=out)
     typer.echo(results_table(report["results"]))
 
 
@@ -107,7 +109,12 @@ def analyze(
     typer.echo(report["markdown"])
 
 
+SAMPLING_FLAGS = [Flag("max_new_tokens", default=128), Flag("temperature"), Flag("top_p"), Flag("top_k"), Flag("seed"),
+                  Flag("stop"), Flag("frequency_penalty"), Flag("presence_penalty")]
+
+
 @app.command()
+@config_options(Sampling, SAMPLING_FLAGS)
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="The prompt. Omit it to use --prompts-file or --chat."),
     model: str = typer.Option("smollm2-135m", help="Base model: embedded name, model folder or hub id."),
@@ -116,23 +123,20 @@ def generate(
     prompts_file: Optional[Path] = typer.Option(None, help="One prompt per line (.txt) or JSONL; answers as JSONL."),
     chat: bool = typer.Option(False, help="Interactive chat with the tokenizer's chat template (empty line ends)."),
     template: bool = typer.Option(True, help="Wrap prompts as a user message in the chat template."),
-    max_new_tokens: int = typer.Option(128, help="New tokens per answer at most."),
-    temperature: float = typer.Option(0.0, help="0 = greedy; above 0 samples."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
-    top_k: int = typer.Option(0, help="Sample among the k most likely tokens (0 = all)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
     batch_size: int = typer.Option(16, help="Prompts decoded together with --prompts-file."),
+    *, values: dict[str, Any],
 ) -> None:
     """Generate text from a prompt, a file of prompts or an interactive chat, streamed to the terminal."""
     import json
 
     from lorakit import load_adapter, load_model
-    from lorakit.inference.generate import Row, Sampling, encode_chat, generate_rows, read_prompts, resolve_adapter_dir
+    from lorakit.inference.chat import chat as chat_loop
+    from lorakit.inference.generate import read_prompts, resolve_adapter_dir
     from lorakit.inference.generate import generate as run
 
     if sum([prompt is not None, prompts_file is not None, chat]) != 1:
         raise LorakitError("Give exactly one of: a PROMPT argument, --prompts-file FILE, or --chat.")
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    sampling = Sampling(**values)
     base, tokenizer = load_model(model)
     name = None
     if adapter is not None:
@@ -140,12 +144,8 @@ def generate(
         load_adapter(base, resolve_adapter_dir(adapter, adapters_dir), adapter=name)
     use_template = template and bool(getattr(tokenizer, "chat_template", None))
 
-    def show(_row: int, text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
     if prompt is not None:
-        run(base, tokenizer, [prompt], name, sampling, chat=use_template, on_text=show)
+        run(base, tokenizer, [prompt], name, sampling, chat=use_template, on_text=lambda _row, text: _write(text))
         typer.echo()
     elif prompts_file is not None:
         prompts = read_prompts(prompts_file)
@@ -155,16 +155,20 @@ def generate(
                 typer.echo(json.dumps({"prompt": p, "output": c.text, "finish_reason": c.finish_reason},
                                       ensure_ascii=False))
     else:
-        messages: list[dict[str, str]] = []
-        while True:
-            line = typer.prompt("you", default="", show_default=False)
-            if not line.strip():
-                break
-            messages.append({"role": "user", "content": line})
-            sys.stdout.write("model: ")
-            answer = generate_rows(base, tokenizer, [Row(encode_chat(tokenizer, messages), name, sampling)], show)[0]
-            typer.echo()
-            messages.append({"role": "assistant", "content": answer.text})
+        chat_loop(base, tokenizer, _read_chat_line, _write, adapter=name, sampling=sampling)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _read_chat_line() -> str:
+    try:
+        return typer.prompt("you", default="", show_default=False)
+    except typer.Abort:  # Ctrl-D / Ctrl-C at the prompt ends the chat like an empty line
+        typer.echo()
+        return ""
 
 
 @app.command()
@@ -185,94 +189,64 @@ def merge(
                                       quantize=quantize)))
 
 
+SERVE_FLAGS = all_flags(ServeConfig, Flag("adapters", name="adapter"), Flag("admin_token", envvar="LORAKIT_ADMIN_TOKEN"))
+
+
 @app.command()
-def serve(
-    model: str = typer.Option("smollm2-135m", help="Base model: embedded name, model folder or hub id."),
-    adapters_dir: Path = typer.Option(Path("adapters"), help="Adapter folders that may be served (by folder name)."),
-    adapter: Optional[list[str]] = typer.Option(None, help="Adapter name to load at start (repeatable); default all."),
-    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
-    port: int = typer.Option(8000, help="TCP port."),
-    admin_token: Optional[str] = typer.Option(None, envvar="LORAKIT_ADMIN_TOKEN",
-                                              help="Bearer token for /admin endpoints (unset: admin disabled)."),
-    max_batch_size: int = typer.Option(16, help="Most requests decoded together."),
-    batch_wait_ms: float = typer.Option(10.0, help="How long to wait for more requests to batch."),
-    max_tokens_limit: int = typer.Option(512, help="Largest max_tokens a request may ask for."),
-    dtype: str = typer.Option("float32", help="Base weights' dtype: float32 or bfloat16."),
-    max_body_bytes: int = typer.Option(1_000_000, help="Largest request body (bigger: 413)."),
-    max_prompt_tokens: Optional[int] = typer.Option(None, help="Largest prompt in tokens (longer: 400)."),
-    max_adapter_mb: Optional[float] = typer.Option(None, help="Adapter cache limit: load adapters on demand and "
-                                                   "evict the least recently used idle ones beyond this many MB."),
-) -> None:
+@config_options(ServeConfig, SERVE_FLAGS)
+def serve(*, values: dict[str, Any]) -> None:
     """Serve the base and its adapters over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
-    from lorakit.serve.server import ServeConfig, serve as run
+    from lorakit.serve.server import serve as run
 
-    run(ServeConfig(model=model, adapters_dir=str(adapters_dir), adapters=adapter or None, host=host, port=port,
-                    admin_token=admin_token, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
-                    max_tokens_limit=max_tokens_limit, dtype=dtype, max_body_bytes=max_body_bytes,
-                    max_prompt_tokens=max_prompt_tokens, max_adapter_mb=max_adapter_mb))
+    run(ServeConfig(**values))
 
 
-_TRAIN_OPTIONS = {  # CLI option -> dotted TrainConfig key
-    "train_file": "data.train_file", "eval_file": "data.eval_file", "format": "data.format",
-    "max_length": "data.max_length", "model": "model", "output_dir": "output_dir", "seed": "seed",
-    "lr": "optim.lr", "epochs": "optim.epochs", "max_steps": "optim.max_steps", "batch_size": "optim.batch_size",
-    "grad_accum": "optim.grad_accum", "r": "lora.r", "alpha": "lora.alpha", "precision": "precision",
-    "base_dtype": "base_dtype", "eval_every": "eval_every", "save_every": "save_every", "metric": "metric",
-    "gradient_checkpointing": "gradient_checkpointing", "distributed": "distributed", "quantize": "quantize",
-}
+TRAIN_FLAGS = [  # the common keys; --set reaches every other one
+    Flag("model"), Flag("task"), Flag("output_dir"), Flag("seed"),
+    Flag("data.train_file"), Flag("data.eval_file"), Flag("data.eval_fraction"), Flag("data.format"),
+    Flag("data.max_length"),
+    Flag("optim.lr"), Flag("optim.epochs"), Flag("optim.max_steps"), Flag("optim.batch_size"), Flag("optim.grad_accum"),
+    Flag("optim.weight_decay"), Flag("optim.schedule"), Flag("optim.warmup_ratio"),
+    Flag("lora.r"), Flag("lora.alpha"), Flag("lora.dropout"), TARGETS_FLAG,
+    Flag("lora.init"), Flag("lora.use_dora"), Flag("lora.use_rslora"),
+    Flag("precision"), Flag("base_dtype"), Flag("quantize"),
+    Flag("gradient_checkpointing"), Flag("eval_every"), Flag("save_every"), Flag("metric"), Flag("distributed"),
+]
+
+
+def _section(field) -> str:
+    return f"{field.section}.* settings" if field.section else "Run settings"
+
+
+def set_overrides(items: list[str]) -> dict[str, str]:
+    """--set KEY=VALUE items as {dotted key: text}; the config parses each value (as YAML) and checks the key."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LorakitError(f"--set expects KEY=VALUE (e.g. optim.lr=1e-4), got {item!r}.")
+        overrides[key.strip()] = value
+    return overrides
 
 
 @app.command()
+@config_options(TrainConfig, TRAIN_FLAGS, defaults=False, panel=_section)
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A YAML training config."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its newest checkpoint."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override any key: --set optim.warmup_ratio=0.1."),
-    train_file: Optional[str] = typer.Option(None, help="Training data (.jsonl/.json/.csv/.parquet or datasets dir)."),
-    eval_file: Optional[str] = typer.Option(None, help="Validation data."),
     data_dir: Path = typer.Option(DEFAULT_DATA_DIR, help="Relative data paths not found here are looked up in it."),
-    format: Optional[str] = typer.Option(None, help="instruction, chat, text, classification or auto."),
-    max_length: Optional[int] = typer.Option(None, help="Truncate examples to this many tokens."),
-    model: Optional[str] = typer.Option(None, help="Base model: embedded name, model folder or hub id."),
-    output_dir: Optional[str] = typer.Option(None, help="The run folder."),
-    seed: Optional[int] = typer.Option(None, help="Random seed."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
-    epochs: Optional[int] = typer.Option(None, help="Passes over the training data."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Examples per micro-batch."),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
-    r: Optional[int] = typer.Option(None, help="LoRA rank."),
-    alpha: Optional[float] = typer.Option(None, help="LoRA alpha."),
-    target_modules: Optional[str] = typer.Option(None, help="Comma-separated names, a regex, or 'all-linear'."),
-    precision: Optional[str] = typer.Option(None, help="fp32 or bf16 (autocast)."),
-    base_dtype: Optional[str] = typer.Option(None, help="bf16 casts the frozen base once (faster on AMX CPUs)."),
-    eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps."),
-    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
-    metric: Optional[str] = typer.Option(None, help="accuracy or exact_match on the validation data."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, help="Trade compute for memory."),
     show_example: bool = typer.Option(False, help="Print the tokens of the first example as the model sees them."),
-    distributed: Optional[str] = typer.Option(None, help="none, ddp or fsdp: how ranks share work under torchrun."),
     nproc: int = typer.Option(1, help="Processes on this machine; N > 1 runs torchrun for you (ddp by default)."),
-    quantize: Optional[str] = typer.Option(None, help="nf4 or int8 (bitsandbytes) or int8-wo (torchao "
-                                                      "int8 weight-only): a quantized frozen base (QLoRA)."),
+    *, values: dict[str, Any],
 ) -> None:
-    """Fine-tune with LoRA from a YAML config plus command-line overrides; resumable (--resume RUN_DIR)."""
-    from lorakit.train import distributed as dist
-    from lorakit.train.loop import TrainConfig, train as run
+    """Fine-tune with LoRA from a YAML config plus command-line overrides; resumable (--resume RUN_DIR).
 
-    values = {"train_file": train_file, "eval_file": eval_file, "format": format, "max_length": max_length,
-              "model": model, "output_dir": output_dir, "seed": seed, "lr": lr, "epochs": epochs,
-              "max_steps": max_steps, "batch_size": batch_size, "grad_accum": grad_accum, "r": r, "alpha": alpha,
-              "precision": precision, "base_dtype": base_dtype, "eval_every": eval_every, "save_every": save_every,
-              "metric": metric, "gradient_checkpointing": gradient_checkpointing, "distributed": distributed,
-              "quantize": quantize}
-    overrides = {_TRAIN_OPTIONS[k]: v for k, v in values.items() if v is not None}
-    if target_modules is not None:
-        overrides["lora.target_modules"] = _parse_targets(target_modules)
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise LorakitError(f"--set expects KEY=VALUE (e.g. optim.lr=1e-4), got {item!r}.")
-        overrides[key.strip()] = value
+    Each option below sets the config key shown as its default; any other key: --set KEY=VALUE."""
+    from lorakit.train import distributed as dist
+    from lorakit.train import train as run
+
+    overrides = {**values, **set_overrides(set_ or [])}
     for key in ("data.train_file", "data.eval_file"):
         path = overrides.get(key)
         if isinstance(path, str) and not Path(path).exists() and (data_dir / path).exists():

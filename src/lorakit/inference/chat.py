@@ -11,7 +11,8 @@ from typing import Callable
 
 from torch import nn
 
-from lorakit.inference.generate import Completion, Row, Sampling, encode_chat, generate_rows
+from lorakit.inference.generate import Completion, Row, encode_chat, generate_rows
+from lorakit.inference.sampling import Sampling
 
 Message = dict[str, str]
 
