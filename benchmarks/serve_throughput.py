@@ -201,6 +201,62 @@ def summarize(results: list[dict], wall: float, errors: int) -> dict:
             "tpot_p99_ms": round(1000 * pct([r["tpot"] for r in results], 0.99), 1)}
 
 
+def profile_step(model_name: str, threads: int, steps: int = 32) -> list[dict]:
+    """Where a batch-1 decode step with an adapter goes: Hugging Face's forward (generate_rows) vs the continuous
+    engine's runner (fp32 and bf16 base). Wall time per step, and the self time of the operators by kind; what the
+    operators do not account for is Python and framework overhead."""
+    import torch
+    from torch.profiler import profile
+
+    import lorakit as lk
+    from lorakit.inference.generate import Row, Sampling, generate_rows
+    from lorakit.serve.runner import SlotRunner
+
+    torch.set_num_threads(threads)
+    kinds = {"GEMM": ("aten::mm", "aten::addmm", "aten::bmm"), "attention": ("scaled_dot_product", "aten::_softmax"),
+             "LoRA routing": ("aten::index", "aten::index_copy", "aten::index_add", "aten::where", "aten::index_put",
+                              "aten::_index_put_impl_")}
+    out = []
+    for dtype in ("float32", "bfloat16"):
+        model, tok = lk.load_model(model_name, dtype=dtype)
+        model.train(False)
+        lk.add_lora(model, lk.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]), adapter="x")
+        prompt = list(range(1000, 1032))
+        runner = SlotRunner(model, 1)
+        runner.ensure_capacity(32 + steps + 1)
+        runner.refresh_adapters(0)
+
+        def engine_steps():
+            runner.prefill(0, prompt, 0, "x", True)
+            for i in range(steps):
+                runner.decode([0], [1000 + i], [32 + i], ["x"])
+
+        def hf_steps():
+            generate_rows(model, tok, [Row(prompt, "x", Sampling(max_new_tokens=steps + 1, ignore_eos=True))])
+
+        for path, run in (("transformers forward (generate_rows)", hf_steps), ("continuous runner", engine_steps)):
+            if path.startswith("transformers") and dtype != "float32":
+                continue
+            run()  # warm-up
+            start = time.perf_counter()
+            run()
+            wall = time.perf_counter() - start
+            with profile() as prof:
+                run()
+            events = prof.key_averages()
+            total = sum(e.self_cpu_time_total for e in events) / 1e6
+            shares = {k: sum(e.self_cpu_time_total for e in events if any(n in e.key for n in names)) / 1e6
+                      for k, names in kinds.items()}
+            row = {"path": path, "dtype": dtype, "ms_per_step": round(1000 * wall / (steps + 1), 1)}
+            for k, v in shares.items():
+                row[f"{k} %"] = round(100 * v / total, 1)
+            row["other ops %"] = round(100 * (total - sum(shares.values())) / total, 1)
+            row["operators / wall %"] = round(100 * total / wall, 1)  # the rest: Python and framework overhead
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=128, help="workload size")
@@ -221,9 +277,12 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "serve_throughput"))
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                        help="first, profile a batch-1 decode step (transformers forward vs the runner)")
     args = parser.parse_args()
 
     print(cpu_line(), flush=True)
+    profile_rows = profile_step(args.model, args.threads) if args.profile else []
     scenarios = [(None, mix) for mix in args.mixes] + [(rate, "uniform") for rate in args.rates]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "adapters"
@@ -293,6 +352,14 @@ def main() -> None:
         if "single_stream_decode_tok_s_p50" in r:
             lines.append(f"- single stream with an adapter, {r['scheduler']}: {r['single_stream_decode_tok_s_p50']} "
                          "tok/s decode (1 / TPOT p50)")
+    if profile_rows:
+        lines += ["", "Batch-1 decode step with an adapter (32-token prompt, 33 tokens), operator self time by kind "
+                  "(% of all operator time) and operator time as a share of wall time:", "",
+                  "| path | base | ms/step | " + " | ".join(k for k in profile_rows[0] if k.endswith("%")) + " |",
+                  "|---|---|---:|" + "---:|" * sum(k.endswith("%") for k in profile_rows[0])]
+        for r in profile_rows:
+            lines.append(f"| {r['path']} | {r['dtype']} | {r['ms_per_step']} | "
+                         + " | ".join(str(v) for k, v in r.items() if k.endswith("%")) + " |")
     if same:
         lines.append(f"\nGreedy outputs, static vs continuous, request by request: {same}")
     if "continuous" in args.servers and args.alone:
@@ -304,7 +371,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".md"), text)
     atomic_write_text(out.with_suffix(".json"), json.dumps(
-        {"cpu": cpu_info(), "args": vars(args), "rows": rows, "static_vs_continuous": same,
+        {"cpu": cpu_info(), "args": vars(args), "rows": rows, "decode_step_profile": profile_rows, "static_vs_continuous": same,
          "alone_mismatches": alone_mismatch if args.alone else None}, indent=1) + "\n")
 
 

@@ -35,6 +35,7 @@ class AdapterCache:
         self.last_used: dict[str, int] = {}  # adapter -> tick of its latest request (LRU order)
         self.sizes: dict[str, int] = {}  # adapter -> bytes of its weights
         self.ticks = itertools.count()
+        self.version = 0  # grows whenever the set of resident adapters changes (the runner rebuilds its tables)
 
     def folder(self, name: str) -> Path:
         """The folder for an adapter name; anything but a plain name inside adapters_dir is a 400."""
@@ -76,6 +77,7 @@ class AdapterCache:
             self._make_room((folder / WEIGHTS_FILE).stat().st_size, name)
         try:
             load_adapter(self.model, folder, adapter=name)
+            self.version += 1
         except LorakitError as e:
             raise ServeError(400, str(e), "adapter_load_failed", "name") from None
         with self.lock:
@@ -96,6 +98,7 @@ class AdapterCache:
                     raise _CacheFull()
                 victim = min(idle, key=lambda a: self.last_used.get(a, -1))
                 delete_adapter(self.model, victim)
+                self.version += 1
                 self._forget(victim)
                 self.metrics.inc("lorakit_adapter_cache_evictions_total")
 
@@ -112,6 +115,7 @@ class AdapterCache:
                 raise ServeError(404, f"Adapter {name!r} is not loaded; loaded: {self.loaded()}.", "adapter_not_found",
                                  "name")
             delete_adapter(self.model, name)
+            self.version += 1
             with self.lock:
                 self._forget(name)
 

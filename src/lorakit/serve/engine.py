@@ -169,6 +169,7 @@ class Engine:
             if not live:
                 return
             self.runner.ensure_capacity(max(s.reserved for s in live))
+            self.runner.refresh_adapters(self.adapters.version)
             decode = [s for s in step.decode if s.slot is not None]
             if decode:
                 logits.append(self.runner.decode([s.slot for s in decode], [s.output[-1] for s in decode],

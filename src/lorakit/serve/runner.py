@@ -7,16 +7,25 @@ forward slow for serving: the growing cache (here written in place), the attenti
 boolean row mask), and padding every row to the longest prompt (here each row is prefilled alone, in fixed chunks).
 Grouped-query attention runs without repeating K/V: the query heads that share a KV head are folded into the query
 length of one attention call.
+
+LoRA runs batched across adapters (as Punica's BGMV/SGMV kernels do on GPUs): each LoRA linear keeps the A and B of
+all its resident plain-LoRA adapters side by side (`_LoraTable`), so a step computes every row's delta with two
+matmuls and a per-row mask, whatever the number of adapters in the batch. Layers where a row uses a DoRA adapter,
+or whose base was split by PiSSA/OLoRA, fall back to the layer's own per-adapter routing (`adapters_per_row`).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.lora.injection import adapters_per_row
+from lorakit.lora.injection import adapters_per_row, lora_layers
+from lorakit.lora.layers import LoraLinear
+from lorakit.lora.variants import LoraVariant
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -26,10 +35,29 @@ def check_supported(model: nn.Module) -> None:
     kind = getattr(model.config, "model_type", None)
     inner = getattr(model, "model", None)
     attn = getattr(getattr(inner, "layers", [None])[0], "self_attn", None)
-    if kind not in SUPPORTED or attn is None or hasattr(attn, "q_norm") or getattr(model.config, "sliding_window",
+    mlp = getattr(getattr(inner, "layers", [None])[0], "mlp", None)
+    gated = all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+    if kind not in SUPPORTED or attn is None or not gated or hasattr(attn, "q_norm") or getattr(model.config, "sliding_window",
                                                                                      None) and kind == "mistral":
         raise LorakitError(f"The continuous scheduler supports {list(SUPPORTED)} decoders (no sliding window, no "
                            f"q/k norms); this model is {kind!r}. Serve it with ServeConfig.scheduler='static'.")
+
+
+class _LoraTable:
+    """One LoRA linear's plain adapters side by side: A (Σr, in), B (out, Σr), and per adapter a row of `mask`
+    (n_adapters + 1, Σr) holding its scaling on its own columns (row 0, the base, is all zeros)."""
+
+    def __init__(self, layer: LoraLinear, order: dict[str, int]):
+        names = [n for n in layer.adapters if type(layer.variant(n)) is LoraVariant]
+        self.special = set(layer.adapters) - set(names)  # DoRA: rows on these take the layer's own routing
+        weight = layer.lora_A[names[0]].weight if names else layer.base_layer.weight
+        self.A = torch.cat([layer.lora_A[n].weight for n in names]).detach() if names else None  # (Σr, in)
+        self.B = torch.cat([layer.lora_B[n].weight for n in names], 1).detach() if names else None  # (out, Σr)
+        self.mask = torch.zeros(len(order) + 1, sum(layer.r[n] for n in names), dtype=weight.dtype)
+        at = 0
+        for n in names:
+            self.mask[order[n], at:at + layer.r[n]] = layer.scaling[n]
+            at += layer.r[n]
 
 
 class SlotRunner:
@@ -51,6 +79,31 @@ class SlotRunner:
         self.capacity = 0
         self.keys: list[torch.Tensor] = []  # per layer: (slots, kv_heads, capacity, head_dim)
         self.values: list[torch.Tensor] = []
+        self.tables: dict[LoraLinear, _LoraTable] = {}
+        self.order: dict[str, int] = {}  # adapter -> its row in every table's mask (0 = base)
+        self.tables_version = None
+        self.step_rows: torch.Tensor | None = None  # (B,) adapter index per row of the running forward
+        self.step_names: set[str] = set()
+
+    def refresh_adapters(self, version) -> None:
+        """Rebuild the side-by-side LoRA tables when the resident adapters changed (`version` says so)."""
+        if version == self.tables_version:
+            return
+        layers = [l for _, l in lora_layers(self.model) if isinstance(l, LoraLinear)]
+        names = sorted({n for l in layers for n in l.adapters})
+        self.order = {n: i + 1 for i, n in enumerate(names)}
+        self.tables = {l: _LoraTable(l, self.order) for l in layers
+                       if not l.init_factors and not l.fan_in_fan_out and l.adapters}
+        self.tables_version = version
+
+    def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """module(x), with the LoRA deltas of all rows from the table when the layer has one for this step."""
+        table = self.tables.get(module)
+        if table is None or table.A is None or self.step_names & table.special:
+            return module(x)  # a plain linear, or the layer's own per-adapter routing
+        y = module.base_layer(x)  # (B, T, out)
+        h = F.linear(x.to(table.A.dtype), table.A) * table.mask[self.step_rows][:, None, :]  # (B, T, Σr)
+        return y + F.linear(h, table.B).to(y.dtype)
 
     @property
     def bytes_per_token(self) -> int:
@@ -76,6 +129,19 @@ class SlotRunner:
         for cache in (*self.keys, *self.values):
             cache[dst, :, :length] = cache[src, :, :length]
 
+    @contextlib.contextmanager
+    def _rows(self, adapters: list[str | None]):
+        missing = sorted({a for a in adapters if a is not None} - set(self.order))
+        if missing:
+            raise LorakitError(f"Adapter(s) {missing} are not in the runner's LoRA tables; call refresh_adapters "
+                               "after loading adapters.")
+        self.step_rows = torch.tensor([self.order[a] if a is not None else 0 for a in adapters])
+        self.step_names = {a for a in adapters if a is not None}
+        try:
+            yield
+        finally:
+            self.step_rows, self.step_names = None, set()
+
     @torch.no_grad()
     def prefill(self, slot: int, ids: list[int], start: int, adapter: str | None, want_logits: bool
                 ) -> torch.Tensor | None:
@@ -86,7 +152,7 @@ class SlotRunner:
         keys = torch.arange(start + n, device=self.device)
         mask = keys[None, :] <= positions[0, :, None]  # (n, start + n): causal over the row's cache
         mask = mask.repeat(self.groups, 1)[None, None]  # (1, 1, groups·n, start + n), query heads folded in
-        with adapters_per_row(self.model, [adapter]):
+        with adapters_per_row(self.model, [adapter]), self._rows([adapter]):
             h = self._layers(x, positions, [slot], start, start + n, mask)  # (1, n, hidden)
             if not want_logits:
                 return None
@@ -100,7 +166,7 @@ class SlotRunner:
         positions = torch.tensor(lengths, device=self.device)[:, None]  # (B, 1)
         width = max(lengths) + 1
         mask = torch.arange(width, device=self.device)[None, :] <= positions  # (B, width)
-        with adapters_per_row(self.model, adapters):
+        with adapters_per_row(self.model, adapters), self._rows(adapters):
             h = self._layers(x, positions, slots, None, width, mask[:, None, None, :])  # (B, 1, hidden)
             return self.model.lm_head(self.inner.norm(h))[:, -1].float()
 
@@ -120,9 +186,9 @@ class SlotRunner:
         for layer, kc, vc in zip(self.inner.layers, self.keys, self.values):
             attn = layer.self_attn
             y = layer.input_layernorm(h)
-            q = attn.q_proj(y).view(batch, length, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
-            k = attn.k_proj(y).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, d)
-            v = attn.v_proj(y).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = self._linear(attn.q_proj, y).view(batch, length, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+            k = self._linear(attn.k_proj, y).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, d)
+            v = self._linear(attn.v_proj, y).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             if start is None:  # decode: row i writes its one token at its own length
                 kc[index, :, pos] = k[:, :, 0]
@@ -134,6 +200,8 @@ class SlotRunner:
             q = q.reshape(batch, self.kv_heads, self.groups * length, self.head_dim)  # query heads of a KV head
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
             out = out.view(batch, self.heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
-            h = h + attn.o_proj(out)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self._linear(attn.o_proj, out)
+            mlp, y = layer.mlp, layer.post_attention_layernorm(h)
+            gated = mlp.act_fn(self._linear(mlp.gate_proj, y)) * self._linear(mlp.up_proj, y)
+            h = h + self._linear(mlp.down_proj, gated)
         return h
