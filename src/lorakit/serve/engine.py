@@ -168,7 +168,7 @@ class Engine:
             live = [s for s in self.scheduler.running if s is not None]
             if not live:
                 return
-            self.runner.ensure_capacity(max(s.reserved for s in live))
+            self.runner.ensure_capacity(max(s.reserved for s in live), self.scheduler.max_row_tokens)
             self.runner.refresh_adapters(self.adapters.version)
             decode = [s for s in step.decode if s.slot is not None]
             if decode:

@@ -109,11 +109,12 @@ class SlotRunner:
     def bytes_per_token(self) -> int:
         return len(self.inner.layers) * 2 * self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
 
-    def ensure_capacity(self, length: int) -> None:
-        """Room for `length` positions in every slot; the cache keeps what it holds when it grows."""
+    def ensure_capacity(self, length: int, limit: int | None = None) -> None:
+        """Room for `length` positions in every slot (growing by doubling, up to `limit`); the cache keeps what it
+        holds when it grows."""
         if length <= self.capacity:
             return
-        new = max(length, min(2 * self.capacity, length * 2), 64)
+        new = max(length, min(max(2 * self.capacity, 64), limit or 1 << 62))
         shape = (self.slots, self.kv_heads, new, self.head_dim)
         grow = lambda old: torch.cat([old, old.new_zeros(*shape[:2], new - self.capacity, shape[3])], 2)  # noqa: E731
         if self.keys:
