@@ -287,6 +287,9 @@ def demo(
     run_demo(out, steps=steps)
 
 
+app.command("ui")(__import__("lorakit.cli.ui", fromlist=["ui"]).ui)  # `lorakit ui`: the web page (lorakit.ui)
+
+
 # -- commands from other concerns are added above this line --
 
 
