@@ -54,7 +54,7 @@ def workspace(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(workspace):
     config = UiConfig(runs_dir=str(workspace["runs"]), adapters_dir=str(workspace["adapters"]))
-    return TestClient(create_ui_app(config))
+    return TestClient(create_ui_app(config), base_url="http://127.0.0.1:7860")
 
 
 def test_runs_status_from_the_files(client, workspace):
@@ -119,7 +119,7 @@ def test_launch_errors_are_the_clis_and_write_nothing(client, workspace, body, m
 
 
 def test_stop_refuses_runs_not_started_here(client):
-    r = client.post("/api/runs/live/stop")
+    r = client.post("/api/runs/live/stop", json={})
     assert r.status_code == 400 and "not running from this page" in r.json()["error"]
 
 
@@ -143,3 +143,15 @@ def test_the_ui_command_is_registered():
     assert result.exit_code == 0 and "--runs-dir" in result.stdout and "--adapters-dir" in result.stdout
     result = CliRunner().invoke(app, ["ui", "--port", "70000"])
     assert result.exit_code != 0 and "port must be in 0..65535" in str(result.exception)
+
+
+def test_other_sites_cannot_drive_the_page(client, workspace):
+    body = json.dumps({"name": "x", "settings": {}})
+    r = client.post("/api/launch", content=body, headers={"Content-Type": "text/plain"})  # a cross-site form
+    assert r.status_code == 415 and "application/json" in r.json()["error"]
+    r = client.post("/api/launch", content=body, headers={"Content-Type": "application/json",
+                                                          "Origin": "http://evil.example"})
+    assert r.status_code == 403 and "Cross-origin" in r.json()["error"]
+    r = client.get("/api/runs", headers={"Host": "evil.example:7860"})  # DNS rebinding
+    assert r.status_code == 403
+    assert not (workspace["runs"] / "x").exists()

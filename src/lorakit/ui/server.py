@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -25,6 +26,7 @@ LAUNCH_FIELDS = ("model", "data.train_file", "data.eval_file", "data.format", "d
                  "optim.max_steps", "optim.epochs", "optim.batch_size", "optim.grad_accum", "lora.r", "lora.alpha",
                  "lora.target_modules", "save_every", "eval_every", "seed")
 """The Launch form's fields (dotted TrainConfig keys); any other key goes in its "more settings" box."""
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def launch_fields() -> list[dict[str, Any]]:
@@ -51,6 +53,24 @@ def create_ui_app(config: UiConfig, engine=None):
     launcher = Launcher(runs_dir)
     app = FastAPI(title="lorakit ui", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.launcher = launcher
+
+    @app.middleware("http")
+    async def _only_this_page(request: Request, call_next):
+        """Another web site open in the same browser must not drive this page's actions (start training, generate):
+        on a loopback address only loopback Host names are answered (no DNS rebinding), and a POST must be JSON
+        (which a cross-site form cannot send without a CORS preflight, never granted here) from no other origin."""
+        host = urlsplit(f"//{request.headers.get('host', '')}").hostname or ""
+        if config.host in LOOPBACK and host not in LOOPBACK:
+            return JSONResponse({"error": f"Host {host!r} refused: this page answers on {config.host} only."}, 403)
+        if request.method not in ("GET", "HEAD"):
+            origin = request.headers.get("origin")
+            if origin and urlsplit(origin).netloc != request.headers.get("host"):
+                return JSONResponse({"error": f"Cross-origin request from {origin!r} refused."}, 403)
+            kind = request.headers.get("content-type", "").split(";")[0].strip()
+            if kind != "application/json":
+                return JSONResponse({"error": f"Send a JSON body (Content-Type: application/json), got "
+                                              f"{kind or 'no Content-Type'!r}."}, 415)
+        return await call_next(request)
 
     @app.exception_handler(LorakitError)
     async def _bad_input(request: Request, exc: LorakitError):

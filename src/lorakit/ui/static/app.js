@@ -155,7 +155,8 @@ async function runView(name) {
         ? `<p><button id="stop">Stop (Ctrl-C: checkpoint, then exit)</button></p>` : ""}
       ${run.adapter ? `<p>Adapter: <a href="#adapters/${encodeURIComponent("run:" + run.name + "/adapter")}">${esc(run.adapter)}</a></p>` : ""}`;
     const stop = $("#stop");
-    if (stop) stop.onclick = () => api(`/api/runs/${encodeURIComponent(name)}/stop`, {method: "POST"}).catch(showError);
+    if (stop) stop.onclick = () => api(`/api/runs/${encodeURIComponent(name)}/stop`, {method: "POST",
+      headers: {"Content-Type": "application/json"}, body: "{}"}).catch(showError);
     $("#config").textContent = run.config_yaml || "—";
     $("#summary").innerHTML = run.summary ? `<table>${Object.entries(run.summary).map(([k, v]) =>
       `<tr><td>${esc(k)}</td><td class="num">${esc(fmt(v))}</td></tr>`).join("")}</table>` : `<p class="muted">no summary.json yet</p>`;
