@@ -61,6 +61,9 @@ class DataConfig:
     """Longer examples are truncated (and counted)."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding), in a seeded random order."""
+    packing: bool = False
+    """Pack each micro-batch's examples back to back in as few rows as possible (no padding; positions restart and
+    attention cannot cross examples, so the loss is the padded batch's). Causal LMs, one process."""
 
     def __post_init__(self) -> None:
         check(self, "Invalid data config")
@@ -80,7 +83,7 @@ class DataConfig:
         for name in ("train_file", "eval_file", "text_pair_field"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, os.PathLike)):
                 out.append(f"{prefix}{name} must be a string or null, got {getattr(self, name)!r}")
-        for name in ("chat_template", "train_on_prompt", "group_by_length"):
+        for name in ("chat_template", "train_on_prompt", "group_by_length", "packing"):
             if not isinstance(getattr(self, name), bool):
                 out.append(f"{prefix}{name} must be true or false, got {getattr(self, name)!r}")
         return out

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lorakit.data.packing import collate_packed
 from lorakit.data.records import (TokenizedData, collate, epoch_batches, loss_tokens, read_records, show_example,
                                   split_records, tokenize)
 from lorakit.errors import LorakitError
@@ -83,6 +84,10 @@ class Prepared:
     eval_data: TokenizedData | None
     task: str
     """causal-lm or seq-cls."""
+    config: TrainConfig | None = None
+    """The config with `base_dtype: auto` resolved (what the run uses and saves)."""
+    note: str | None = None
+    """Why auto chose that base dtype (printed, and written atop config.yaml)."""
 
 
 @dataclass
@@ -138,9 +143,12 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
     say = print if dist.is_main() else _silent
 
     prepared = prepare(config, model, tokenizer)
+    config = prepared.config
+    if prepared.note:
+        say(prepared.note)
     if show_example_first:
         say(show_example(prepared.train_data.examples[0], prepared.tokenizer))
-    run = build_run(config, prepared, run_dir, distributed, say)
+    run = build_run(config, prepared, run_dir, distributed, say, prepared.note)
     with MetricsLog(run_dir, config.tensorboard, enabled=dist.is_main()) as log:
         if resumed is not None:
             restore(run, resumed[1])
@@ -190,13 +198,14 @@ def prepare(config: TrainConfig, model: nn.Module | None = None, tokenizer=None)
         tokenizer = _load_tokenizer(config.model)
     train_data, eval_data = load_data(config, tokenizer)
     task = _resolve_task(config, train_data.format)
+    config, note = _resolve_base_dtype(config, model, task)
     if model is None:
         model = _load_adapted_model(config, tokenizer, task, train_data)
     _prepare_base(model, config)
     if not trainable_params(model):
         raise LorakitError("Nothing to train: no parameter has requires_grad. Add an adapter (add_lora) or unfreeze "
                            "the parameters you want to train.")
-    return Prepared(model, tokenizer, train_data, eval_data, task)
+    return Prepared(model, tokenizer, train_data, eval_data, task, config, note)
 
 
 def load_data(config: TrainConfig, tokenizer) -> tuple[TokenizedData, TokenizedData | None]:
@@ -216,8 +225,9 @@ def load_data(config: TrainConfig, tokenizer) -> tuple[TokenizedData, TokenizedD
 
 
 def build_run(config: TrainConfig, prepared: Prepared, run_dir: Path, distributed: bool = False,
-              say: Callable[[str], None] = print) -> Run:
-    """The loss engine (DDP/FSDP2 when distributed), AdamW and its schedule; writes the run's config.yaml."""
+              say: Callable[[str], None] = print, note: str | None = None) -> Run:
+    """The loss engine (DDP/FSDP2 when distributed), AdamW and its schedule; writes the run's config.yaml (with
+    `note`, e.g. what base_dtype auto chose and why, as a comment at its top)."""
     model, o = prepared.model, config.optim
     engine = dist.wrap(model, functools.partial(batch_loss, task=prepared.task),
                        config.distributed if distributed else "none")
@@ -231,7 +241,7 @@ def build_run(config: TrainConfig, prepared: Prepared, run_dir: Path, distribute
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(o, total_steps))
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / CONFIG_FILE, config.to_yaml())
+        atomic_write_text(run_dir / CONFIG_FILE, config.to_yaml(note))
     dist.barrier()
     return Run(config, run_dir, prepared, engine, params, optimizer, scheduler, total_steps, micro_per_epoch,
                distributed, say)
@@ -304,7 +314,8 @@ def _next_micro_batches(run: Run) -> list[dict[str, torch.Tensor]]:
     for _ in range(config.optim.grad_accum):
         epoch, index = divmod(run.micro, run.micro_per_epoch)
         order = epoch_batches(lengths, config.optim.batch_size, config.seed, epoch, config.data.group_by_length)
-        out.append(collate([examples[i] for i in order[index]], pad_id))
+        batch = [examples[i] for i in order[index]]
+        out.append(collate_packed(batch, pad_id) if config.data.packing else collate(batch, pad_id))
         run.micro += 1
     return out
 
@@ -323,7 +334,8 @@ def _accumulate_gradients(run: Run, micro_batches: list[dict[str, torch.Tensor]]
             if share == 0:  # no targets in this rank's rows: contribute zero gradient, but take part
                 loss = torch.nan_to_num(loss, nan=0.0) * 0.0
             weighted, bad, tokens = dist.all_sum([float(loss.detach()) * share, float(not torch.isfinite(loss)),
-                                                  float(b["attention_mask"].sum())])
+                                                  float(b["num_tokens"] if "num_tokens" in b else
+                                                        b["attention_mask"].sum())])
             if bad:  # decided from all ranks' losses, so every rank leaves the step here together
                 bad_loss = float(loss.detach()) if not torch.isfinite(loss) else "non-finite on another rank"
                 break
@@ -391,6 +403,22 @@ def finish(run: Run, started: float, interrupted: bool = False) -> TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def _resolve_base_dtype(config: TrainConfig, model: nn.Module | None, task: str) -> tuple[TrainConfig, str | None]:
+    """base_dtype auto: measured on the device training runs on (a given model's, else the CPU load_model uses).
+    fp32 without measuring where a bf16 base would meet full-precision trained modules: a model the caller prepared
+    without lorakit adapters (whatever they unfroze), and classification (its head trains in fp32 on the base's
+    output; encoders are small, so the cast would gain little)."""
+    if config.base_dtype == "auto":
+        if model is not None and not getattr(model, "lora_configs", None):
+            why = "the model was prepared by the caller without lorakit adapters"
+        elif task == "seq-cls":
+            why = "classification trains its head in fp32 on the base's output"
+        else:
+            return config.resolve_auto(next(model.parameters()).device.type if model is not None else "cpu")
+        return dataclasses.replace(config, base_dtype="fp32"), f"base_dtype auto -> fp32: {why}"
+    return config, None
+
+
 def _open_run(config: TrainConfig | None, resume: str | Path | None
               ) -> tuple[TrainConfig, Path, tuple[Path, dict[str, Any]] | None]:
     """The config and run folder; on resume also the newest readable checkpoint (path, state) and the saved config."""

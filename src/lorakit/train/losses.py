@@ -111,4 +111,7 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> t
     """Mean loss of one batch: next-token cross-entropy over labelled tokens, or classification loss (seq-cls)."""
     if task == "seq-cls":
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    if "position_ids" in batch:  # packed (lorakit.data.packing): no mask, so the model derives it from the positions
+        return causal_lm_loss(model, batch["input_ids"], batch["labels"], None, position_ids=batch["position_ids"],
+                              use_cache=False)
     return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
