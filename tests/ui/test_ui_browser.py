@@ -179,6 +179,21 @@ def test_a_person_watches_launches_compares(tmp_path, browser):
                          and all(x.get_attribute("data-done") == "1" for x in c) and c, what="three answers")
         answers = {c.get_attribute("data-model"): c.find_element(By.CSS_SELECTOR, ".text").text for c in cards}
         screenshot(d, tmp_path, "playground")
+
+        def generate_again() -> dict[str, str]:
+            find("#run").click()
+            cards = wait_for(lambda: (c := d.find_elements(By.CSS_SELECTOR, ".answer")) and len(c) == 3
+                             and all(x.get_attribute("data-done") == "1" for x in c) and c, what="three answers")
+            texts = {c.get_attribute("data-model"): c.find_element(By.CSS_SELECTOR, ".text").text for c in cards}
+            assert not d.find_elements(By.CSS_SELECTOR, ".answer .error"), texts
+            return texts
+
+        find("input[name=mode][value=sample]").click()  # sampled with a seed: the same answers twice
+        assert generate_again() == generate_again()
+        find("input[name=mode][value=greedy]").click()
+        find("#chat").click()  # a conversation: each column keeps its own turns
+        assert generate_again() == answers
+        generate_again()  # the second turn (the first answer is in the prompt now)
     assert answers["alpha"] and answers["beta"] and answers["alpha"] != answers["beta"], answers
     assert answers["alpha"] == lorakit_generate(ws["model"], ws["adapters"], "alpha")
     assert answers["beta"] == lorakit_generate(ws["model"], ws["adapters"], "beta")
