@@ -296,7 +296,7 @@ def train_step(run: Run) -> dict[str, Any]:
 
     now = time.perf_counter()
     record = {"step": run.step, "epoch": round(run.micro / run.micro_per_epoch, 4), "loss": loss, "lr": lr,
-              "tokens_per_s": tokens / max(now - run.tick, 1e-9)}
+              "tokens_per_s": tokens / max(now - run.tick, 1e-9), "time": round(time.time(), 3)}
     if norm is not None and math.isfinite(norm):
         record["grad_norm"] = norm
     if problem is not None:
