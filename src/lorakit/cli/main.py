@@ -70,9 +70,8 @@ def adapter_info(path: Path = typer.Argument(..., help="An adapter folder (lorak
                    f"({meta.get('base_model_class')})")
 
 
-EVAL_FLAGS = [Flag("task"), Flag("split"), Flag("limit"), Flag("data_dir"), Flag("max_length"),
-              Flag("generation.decoding"), Flag("generation.num_beams"), Flag("generation.max_new_tokens"),
-              Flag("generation.batch_size"), Flag("generation.bf16")]
+EVAL_FLAGS = all_flags(EvalConfig, Flag("metrics", parse=lambda items: [m.strip() for item in items
+                                                                       for m in item.split(",") if m.strip()]))
 
 
 @app.command("eval")
@@ -82,10 +81,12 @@ def eval_(
     model: str = typer.Option("smollm2-135m", help="Base model: embedded name, model folder (e.g. a merged model) or hub id."),
     base: bool = typer.Option(True, help="Also evaluate the base model without adapters."),
     merge: bool = typer.Option(False, help="Merge each adapter into the weights before evaluating it."),
-    out: Optional[Path] = typer.Option(None, help="Write results.json, results.md and outputs/*.jsonl here."),
+    out: Optional[Path] = typer.Option(None, help="Write results.json, results.md, results.png (bar chart) and "
+                                       "outputs/*.jsonl (every example's output) here."),
     *, values: dict[str, Any],
 ) -> None:
-    """Score the base model and/or adapters on a benchmark (E2E: BLEU, NIST, METEOR, ROUGE-L, CIDEr; GLUE metrics)."""
+    """Score the base model and adapters side by side on your own file (--data: instruction, chat or classification,
+    read as training reads it) or a preset (--task e2e|sst2|mrpc|rte|cola|stsb)."""
     from lorakit.eval.evaluate import evaluate_many, results_table
 
     report = evaluate_many(EvalConfig(**nested(values)), model=model, adapters=[str(a) for a in adapters or []],

@@ -1,15 +1,24 @@
-"""Evaluation: the E2E challenge's metrics for data-to-text generation, GLUE metrics, batched decoding, and one call
-that evaluates the base model, any number of adapters and merged models, writing JSON, a markdown table and outputs.
+"""`lorakit eval`: score the base model and any number of adapters (or merged models) on the user's own file or on a
+preset, side by side, writing results.json, a markdown table, a bar chart and every example's output.
 
-Metrics use the established implementations, with these conventions (all on lowercased text, as the E2E scripts do):
+One path for every source: `examples.read_eval_set` reads the file with training's reader and field options; then
+instruction and chat files are decoded (greedy, beam or sampled) and scored with generation metrics, classification
+files are predicted and scored with label metrics. A preset (e2e, sst2, mrpc, rte, cola, stsb) only names a staged
+file, its format and its default metrics.
 
-- BLEU: sacrebleu corpus BLEU, 13a tokenisation, every reference of an MR used (variable counts allowed); 0–100.
+Metrics use the established implementations, with these conventions (generation metrics on lowercased text, as the E2E
+scripts do; all ×100 except NIST and CIDEr):
+
+- exact_match: the share of outputs equal to one of their references after lowercasing and collapsing whitespace.
+- BLEU: sacrebleu corpus BLEU, 13a tokenisation, every reference of an input used (variable counts allowed).
+- chrF: sacrebleu corpus chrF (character 6-grams, β=2), every reference used.
 - NIST: nltk `corpus_nist`, n=5, on the same 13a tokens.
-- METEOR: METEOR 1.5 (pycocoevalcap's jar, `-l en -norm`; needs Java); reported ×100.
-- ROUGE-L: rouge-score's `rougeL` F-measure, the maximum over an MR's references, averaged over MRs; ×100.
+- METEOR: METEOR 1.5 (pycocoevalcap's jar, `-l en -norm`; needs Java).
+- ROUGE-L: rouge-score's `rougeL` F-measure, the maximum over an input's references, averaged over inputs.
   (The E2E script uses pycocoevalcap's ROUGE-L with β=1.2 over pooled references; numbers differ slightly.)
 - CIDEr: pycocoevalcap CIDEr (n=4, σ=6) on 13a-tokenised text.
-- GLUE: accuracy and F1 (scikit-learn), Matthews correlation (CoLA), Pearson/Spearman (scipy, STS-B).
+- Labels: accuracy and F1 (scikit-learn; binary F1 of class 1 with two classes, macro F1 with more), Matthews
+  correlation (scikit-learn), Pearson/Spearman (scipy, regression presets such as stsb).
 """
 
 from __future__ import annotations
@@ -25,14 +34,19 @@ from typing import Any, Sequence
 
 import torch
 
-from lorakit.data.benchmarks import DEFAULT_DATA_DIR, GLUE_TASKS, TASKS, load_e2e, load_glue
+from lorakit.data.benchmarks import DEFAULT_DATA_DIR, GLUE_TASKS
+from lorakit.data.records import DataConfig, detect_format, read_records
 from lorakit.errors import LorakitError
+from lorakit.eval.examples import E2E_PROMPT, EVAL_FORMATS, PRESETS, EvalSet, Preset, preset_path, read_eval_set
 from lorakit.fsutil import atomic_write_text
 
-GENERATION_METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
+GENERATION_METRICS = ("exact_match", "bleu", "chrf", "nist", "meteor", "rouge_l", "cider")
+E2E_METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
+LABEL_METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
+DEFAULT_METRICS = {"instruction": ("exact_match", "bleu", "chrf", "rouge_l"), "chat": ("exact_match", "bleu", "chrf",
+                   "rouge_l"), "classification": ("accuracy", "f1")}
 DECODINGS = ("greedy", "beam")
-E2E_PROMPT = ("Write one sentence describing the restaurant with these attributes.\n"
-              "Attributes: {mr}\nSentence:")
+CLASSIFY = ("head", "choice")
 
 
 def e2e_prompt(mr: str) -> str:
@@ -48,7 +62,7 @@ def _tokens(text: str) -> list[str]:
 
 
 def generation_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
-                       metrics: Sequence[str] = GENERATION_METRICS) -> dict[str, float]:
+                       metrics: Sequence[str] = E2E_METRICS) -> dict[str, float]:
     """Corpus scores of `hypotheses[i]` against its references `references[i]` (one or more strings each)."""
     unknown = sorted(set(metrics) - set(GENERATION_METRICS))
     if unknown:
@@ -60,13 +74,19 @@ def generation_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[
         raise LorakitError("Every hypothesis needs at least one reference.")
     hyps = [" ".join(h.split()) for h in hypotheses]  # newlines would break METEOR's line protocol
     refs = [[" ".join(r.split()) for r in rs] for rs in references]
+    most = max(len(rs) for rs in refs)
+    streams = [[rs[k] if k < len(rs) else None for rs in refs] for k in range(most)]  # sacrebleu's reference layout
     scores: dict[str, float] = {}
+    if "exact_match" in metrics:
+        scores["exact_match"] = 100 * sum(h.lower() in {r.lower() for r in rs} for h, rs in zip(hyps, refs)) / len(hyps)
     if "bleu" in metrics:
         import sacrebleu
 
-        most = max(len(rs) for rs in refs)
-        streams = [[rs[k] if k < len(rs) else None for rs in refs] for k in range(most)]
         scores["bleu"] = sacrebleu.corpus_bleu(hyps, streams, lowercase=True, tokenize="13a").score
+    if "chrf" in metrics:
+        from sacrebleu.metrics import CHRF
+
+        scores["chrf"] = CHRF(lowercase=True).corpus_score(hyps, streams).score
     if "nist" in metrics:
         from nltk.translate.nist_score import corpus_nist
 
@@ -107,23 +127,29 @@ def _meteor(hyps: list[str], refs: list[list[str]]) -> float:
             scorer.meteor_p.stdin.close()
             scorer.meteor_p.kill()
             scorer.meteor_p.wait()
+            for pipe in (scorer.meteor_p.stdout, scorer.meteor_p.stderr):  # unclosed, they warn when collected
+                if pipe is not None:
+                    pipe.close()
     return float(score)
 
 
-def classification_metrics(task: str, predictions: Sequence[float], labels: Sequence[float]) -> dict[str, float]:
-    """The GLUE metrics for `task`; accuracy/F1/Matthews in %, correlations ×100 as in the paper's tables."""
-    if task not in GLUE_TASKS:
-        raise LorakitError(f"task must be one of {sorted(GLUE_TASKS)}, got {task!r}.")
+def label_metrics(predictions: Sequence[float], labels: Sequence[float],
+                  metrics: Sequence[str] = ("accuracy", "f1")) -> dict[str, float]:
+    """Label metrics of class ids (or regression values); accuracy/F1/Matthews in %, correlations ×100."""
+    unknown = sorted(set(metrics) - set(LABEL_METRICS))
+    if unknown:
+        raise LorakitError(f"Unknown label metric(s) {unknown}; allowed: {list(LABEL_METRICS)}.")
     if len(predictions) != len(labels) or not labels:
         raise LorakitError(f"Need equally many predictions and labels (got {len(predictions)} and {len(labels)}).")
     out = {}
-    for name in GLUE_TASKS[task].metrics:
+    for name in metrics:
         if name == "accuracy":
             from sklearn.metrics import accuracy_score
             out[name] = 100 * accuracy_score(labels, predictions)
         elif name == "f1":
             from sklearn.metrics import f1_score
-            out[name] = 100 * f1_score(labels, predictions)
+            binary = set(labels) | set(predictions) <= {0, 1}
+            out[name] = 100 * f1_score(labels, predictions, average="binary" if binary else "macro")
         elif name == "matthews":
             from sklearn.metrics import matthews_corrcoef
             out[name] = 100 * matthews_corrcoef(labels, predictions)
@@ -136,21 +162,34 @@ def classification_metrics(task: str, predictions: Sequence[float], labels: Sequ
     return {k: float(v) for k, v in out.items()}
 
 
+def classification_metrics(task: str, predictions: Sequence[float], labels: Sequence[float]) -> dict[str, float]:
+    """The GLUE metrics for `task` (its preset's default metrics)."""
+    if task not in GLUE_TASKS:
+        raise LorakitError(f"task must be one of {sorted(GLUE_TASKS)}, got {task!r}.")
+    return label_metrics(predictions, labels, GLUE_TASKS[task].metrics)
+
+
 # ---------------------------------------------------------------------------------------------------- configs
 @dataclass
 class GenerationConfig:
     """How to decode."""
 
     decoding: str = "greedy"
-    """"greedy" or "beam"."""
+    """"greedy" or "beam" (with --temperature above 0, greedy becomes sampling)."""
     num_beams: int = 4
     """Beams for beam search (ignored for greedy)."""
     max_new_tokens: int = 64
-    """New tokens per prompt at most; generation also stops at a newline or the end token."""
+    """New tokens per prompt at most; generation also stops at the end token (and, for e2e, at a newline)."""
     batch_size: int = 16
     """Prompts per generate() call (left-padded)."""
     bf16: bool = False
     """Run under bfloat16 autocast (about 1.8× faster on a modern CPU; scores move slightly)."""
+    temperature: float = 0.0
+    """0: greedy (or beam) decoding; above 0: sample from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    seed: int = 0
+    """Sampling: the random seed, set again before each model so every model draws from the same stream."""
 
     def problems(self) -> list[str]:
         out = []
@@ -160,45 +199,101 @@ class GenerationConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 out.append(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not 0 <= self.temperature <= 100:
+            out.append(f"temperature must be a number in [0, 100] (0 = greedy), got {self.temperature!r}")
+        elif self.temperature > 0 and self.decoding == "beam":
+            out.append("temperature > 0 samples, which beam search does not; use decoding greedy to sample, or "
+                       "temperature 0 for beam search")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            out.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            out.append(f"seed must be an integer, got {self.seed!r}")
         return out
 
 
 @dataclass
 class EvalConfig:
-    """What to evaluate on: one benchmark task, a split, optionally the first `limit` examples."""
+    """What to evaluate on: your own file (--data) or a preset (--task), a split, optionally the first `limit`
+    examples; and which metrics to report."""
 
-    task: str = "e2e"
-    """e2e, sst2, mrpc, rte, cola or stsb."""
+    task: str | None = None
+    """A preset: e2e, sst2, mrpc, rte, cola or stsb (a staged file with its format and metrics). Default without
+    --data: e2e."""
+    data: str | None = None
+    """Your evaluation file (.jsonl/.json/.csv/.parquet or a saved datasets folder), read as training reads it."""
+    format: str = "auto"
+    """instruction, chat, classification, or auto (from the first record's fields, as in training)."""
+    prompt_field: str = "prompt"
+    """Instruction files: the prompt's field (training's data.prompt_field)."""
+    completion_field: str = "completion"
+    """Instruction files: the reference's field, a string or a list of references (data.completion_field)."""
+    messages_field: str = "messages"
+    """Chat files: the messages' field; the last assistant turn is the reference (data.messages_field)."""
+    text_field: str = "text"
+    """Classification files: the text's field (data.text_field)."""
+    text_pair_field: str | None = None
+    """Classification files: a second text's field, for sentence pairs (data.text_pair_field)."""
+    label_field: str = "label"
+    """Classification files: the label's field (data.label_field)."""
+    chat_template: bool = True
+    """Wrap instruction prompts in the tokenizer's chat template, as training does (data.chat_template)."""
+    classify: str | None = None
+    """Classification: "head" (a sequence-classification model's head) or "choice" (a causal LM picks the label
+    string it finds likeliest after the prompt). Default: head for GLUE presets and when the model folder or an
+    adapter was trained for sequence classification; otherwise choice."""
     split: str | None = None
-    """Defaults to the dev half: "dev" for E2E, "validation" for GLUE."""
+    """Presets: dev (e2e) / validation (GLUE) by default. --data folders saved with datasets: default validation."""
     limit: int | None = None
     """Use only the first N examples (MRs for E2E)."""
     data_dir: str = str(DEFAULT_DATA_DIR)
-    """The shared data folder (contains e2e/ and glue/)."""
+    """The shared data folder of the presets (contains e2e/ and glue/)."""
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
-    """Decoding settings (E2E)."""
+    """Decoding settings (instruction and chat files, e2e)."""
     max_length: int = 128
     """Truncate classification inputs to this many tokens."""
     metrics: list[str] | None = None
-    """Generation metrics to compute (default: all five)."""
+    """Metrics to report. Instruction/chat: exact_match, bleu, chrf, nist, meteor, rouge_l, cider (default
+    exact_match,bleu,chrf,rouge_l; e2e: bleu,nist,meteor,rouge_l,cider). Classification: accuracy, f1, matthews
+    (default accuracy,f1; presets: their paper's)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.generation, dict):
             self.generation = _from_dict(GenerationConfig, self.generation, "generation")
+        problems = self.problems()
+        if problems:
+            raise LorakitError("Invalid evaluation settings:\n  - " + "\n  - ".join(problems))
+
+    def problems(self) -> list[str]:
         problems = []
-        if self.task not in TASKS:
-            problems.append(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task is not None and self.task not in PRESETS:
+            problems.append(f"task must be one of {list(PRESETS)} (or give --data), got {self.task!r}")
+        if self.task is not None and self.data is not None:
+            problems.append(f"give --data or a preset --task, not both (got data={self.data!r}, task={self.task!r})")
+        if self.data is not None and (not isinstance(self.data, str) or not self.data):
+            problems.append(f"data must be a file path, got {self.data!r}")
+        if self.format not in EVAL_FORMATS:
+            problems.append(f"format must be one of {EVAL_FORMATS}, got {self.format!r}")
+        for name in ("prompt_field", "completion_field", "messages_field", "text_field", "label_field"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                problems.append(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.classify is not None and self.classify not in CLASSIFY:
+            problems.append(f"classify must be one of {CLASSIFY} or unset, got {self.classify!r}")
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit <= 0):
             problems.append(f"limit must be a positive integer or None, got {self.limit!r}")
         if not isinstance(self.max_length, int) or self.max_length <= 0:
             problems.append(f"max_length must be a positive integer, got {self.max_length!r}")
         if self.metrics is not None:
-            bad = sorted(set(self.metrics) - set(GENERATION_METRICS))
-            if bad:
-                problems.append(f"metrics {bad} unknown; allowed {list(GENERATION_METRICS)}")
-        problems += self.generation.problems()
-        if problems:
-            raise LorakitError("Invalid evaluation settings:\n  - " + "\n  - ".join(problems))
+            bad = sorted(set(self.metrics) - set(GENERATION_METRICS) - set(LABEL_METRICS))
+            if bad or not self.metrics:
+                problems.append(f"metrics {bad or '[]'} unknown; allowed {list(GENERATION_METRICS)} for instruction "
+                                f"and chat files, {list(LABEL_METRICS)} for classification")
+        return problems + self.generation.problems()
+
+    @property
+    def preset(self) -> Preset | None:
+        """The preset evaluated: --task, or e2e when neither --task nor --data is given."""
+        return PRESETS[self.task or "e2e"] if self.data is None else None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EvalConfig":
@@ -216,7 +311,81 @@ def _from_dict(cls, data: dict[str, Any], what: str):
     return cls(**data)
 
 
+@dataclass
+class Plan:
+    """What one evaluation run reads and reports, resolved from an EvalConfig before any model is loaded."""
+
+    path: Path
+    data: DataConfig
+    """How the file is read (training's reader options; format resolved)."""
+    preset: Preset | None
+    format: str
+    classify: str | None
+    metrics: tuple[str, ...]
+
+
+def plan(config: EvalConfig, trained_head: bool = False) -> tuple[Plan, list]:
+    """The file, the reading options (a training DataConfig), format, classifier and metrics; and the records.
+    `trained_head`: the model or an adapter was trained for sequence classification (see `has_head`)."""
+    preset = config.preset
+    fields = {name: getattr(config, name) for name in ("prompt_field", "completion_field", "messages_field",
+                                                       "text_field", "text_pair_field", "label_field", "chat_template")}
+    if preset is not None:
+        path, split = preset_path(config.task or "e2e", config.split, config.data_dir)
+        if not path.is_file():
+            raise LorakitError(f"Benchmark file {path} not found. Point --data-dir at the shared data folder "
+                               f"(default {DEFAULT_DATA_DIR}, which must contain e2e/ and glue/).")
+        fields.update(preset.fields_for(split))
+        fields["chat_template"] = False if preset.prompt_template else fields["chat_template"]
+        data = DataConfig(format=preset.format, split=split, **fields)
+    else:
+        path = Path(config.data)
+        data = DataConfig(format=config.format, split=config.split or "validation", **fields)
+    records = read_records(path, data.split)[:config.limit]
+    fmt = data.format if data.format != "auto" else detect_format(records[0], data)
+    data = dataclasses.replace(data, format=fmt)
+    if fmt not in EVAL_FORMATS:
+        raise LorakitError(f"{records[0].source}: the records look like the {fmt!r} format (fields "
+                           f"{sorted(records[0].fields)}), which has no reference answer to score; allowed formats: "
+                           f"{list(EVAL_FORMATS[1:])}. Set --format and the --*-field options (training's data.* keys).")
+    default = preset.classify if preset else "head" if trained_head else "choice"
+    classify = (config.classify or default) if fmt == "classification" else None
+    allowed = LABEL_METRICS if fmt == "classification" else GENERATION_METRICS
+    metrics = tuple(config.metrics or (preset.metrics if preset else DEFAULT_METRICS[fmt]))
+    wrong = [m for m in metrics if m not in allowed]
+    if wrong:
+        raise LorakitError(f"metrics {wrong} do not apply to {fmt} data ({path}); allowed: {list(allowed)}.")
+    return Plan(path, data, preset, fmt, classify, metrics), records
+
+
+def has_head(model: str, adapters: Sequence[str]) -> bool:
+    """Whether the model folder is a sequence-classification model or an adapter was saved from one (PEFT's
+    task_type SEQ_CLS in adapter_config.json): such adapters carry the trained head, so classify with it."""
+    from lorakit.lora.adapter_io import CONFIG_FILE
+
+    def read(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, ValueError):
+            return {}  # unreadable here; loading the model or adapter reports it properly
+
+    architectures = read(Path(model) / "config.json").get("architectures") or []
+    return any(str(a).endswith("ForSequenceClassification") for a in architectures) or \
+        any(read(Path(a) / CONFIG_FILE).get("task_type") == "SEQ_CLS" for a in adapters)
+
+
 # ---------------------------------------------------------------------------------------------------- prediction
+@contextlib.contextmanager
+def _inference(model):
+    """Dropout off while scoring (the caller's train/inference mode restored after); yields the model's device."""
+    was_training = model.training
+    model.train(False)
+    try:
+        yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
+
+
 def _autocast(enabled: bool, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
@@ -232,44 +401,54 @@ class _NewlineStop:
         return torch.tensor(["\n" in t for t in texts], device=input_ids.device)
 
 
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], config: GenerationConfig | None = None) -> list[str]:
-    """Continue each prompt (greedy or beam search, batched, left-padded) and return the first line of new text."""
+def generate(model, tokenizer, prompts: Sequence[str | list[int]], config: GenerationConfig | None = None,
+             first_line: bool = True) -> list[str]:
+    """Continue each prompt (text, or token ids such as a chat-templated prompt) with greedy decoding, beam search
+    or sampling, batched and left-padded; return the new text (its first line with `first_line`)."""
     config = config or GenerationConfig()
     problems = config.problems()
     if problems:
         raise LorakitError("Invalid generation settings: " + "; ".join(problems))
-    device = next(model.parameters()).device
-    was_training, side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"  # decoder-only models continue from the last position
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = {"do_sample": True, "temperature": float(config.temperature), "top_p": float(config.top_p)} \
+        if config.temperature > 0 else {"do_sample": False}
+    if config.temperature > 0:
+        torch.manual_seed(config.seed)
     outputs: list[str] = []
-    try:
+    with _inference(model) as device:
         for start in range(0, len(prompts), config.batch_size):
-            batch = list(prompts[start:start + config.batch_size])
-            enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
+            batch = [list(tokenizer(p).input_ids) if isinstance(p, str) else list(p)
+                     for p in prompts[start:start + config.batch_size]]
+            ids, mask = _left_pad(batch, pad_id, device)  # decoder-only models continue from the last position
+            stop = [_NewlineStop(tokenizer, ids.shape[1])] if first_line else []
             with _autocast(config.bf16, device):
-                out = model.generate(**enc, max_new_tokens=config.max_new_tokens, do_sample=False,
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=config.max_new_tokens,
                                      num_beams=config.num_beams if config.decoding == "beam" else 1,
-                                     pad_token_id=tokenizer.pad_token_id,
-                                     stopping_criteria=[_NewlineStop(tokenizer, enc["input_ids"].shape[1])])
-            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            outputs += [t.strip().split("\n")[0].strip() for t in texts]
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
+                                     pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+                                     stopping_criteria=stop, **sampling)
+            texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+            outputs += [t.strip().split("\n")[0].strip() if first_line else t.strip() for t in texts]
     return outputs
 
 
 @torch.no_grad()
 def predict_classes(model, tokenizer, texts: Sequence[tuple[str, ...]], batch_size: int = 64,
                     max_length: int = 128) -> list[float]:
-    """Class indices (or the regression value when the model has one output) for single texts or text pairs."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    """Class indices (or the regression value when the model has one output) for single texts or text pairs, from a
+    sequence-classification model's head."""
     preds: list[float] = []
-    try:
+    with _inference(model) as device:
         for start in range(0, len(texts), batch_size):
             batch = texts[start:start + batch_size]
             columns = list(zip(*batch))
@@ -277,29 +456,75 @@ def predict_classes(model, tokenizer, texts: Sequence[tuple[str, ...]], batch_si
                             max_length=max_length).to(device)
             logits = model(**enc).logits.float()  # (B, num_labels)
             preds += logits[:, 0].tolist() if logits.shape[-1] == 1 else logits.argmax(-1).tolist()
-    finally:
-        model.train(was_training)
     return preds
 
 
-def evaluate_model(model, tokenizer, config: EvalConfig) -> tuple[dict[str, float], list[dict]]:
-    """Score the model as it stands (active adapter, merged or not) on `config.task`; returns (scores, outputs)."""
+@torch.no_grad()
+def predict_choices(model, tokenizer, prompts: Sequence[list[int]], choices: Sequence[str],
+                    batch_size: int = 16) -> list[int]:
+    """For a causal LM: the index of the choice whose tokens (then the end token) are likeliest after each prompt.
+
+    A choice is tokenized as an instruction completion is in training (no special tokens, EOS appended), so an
+    adapter trained on {"prompt": text, "completion": label} scores exactly what it learned; the end token makes
+    "positive" and "positive but..." different answers."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise LorakitError("Choosing among labels needs a tokenizer with an end token; this one has none.")
+    answers = [list(tokenizer(c, add_special_tokens=False).input_ids) + [eos] for c in choices]
+    pairs = [(p, a) for p in prompts for a in answers]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    totals: list[float] = []
+    with _inference(model) as device:
+        for start in range(0, len(pairs), batch_size):
+            batch = pairs[start:start + batch_size]
+            width = max(len(p) + len(a) for p, a in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T), right padded
+            mask = torch.zeros_like(ids)
+            for i, (p, a) in enumerate(batch):
+                ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+                mask[i, :len(p) + len(a)] = 1
+            logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
+            for i, (p, a) in enumerate(batch):
+                steps = torch.arange(len(p) - 1, len(p) + len(a) - 1)  # the positions that predict the answer
+                totals.append(float(logp[i, steps, torch.tensor(a)].sum()))  # (V,) picked per answer token
+    k = len(answers)
+    return [max(range(k), key=lambda j: totals[n * k + j]) for n in range(len(prompts))]
+
+
+def score(model, tokenizer, run: Plan, examples: EvalSet, config: EvalConfig) -> tuple[dict[str, float], list[dict]]:
+    """Score the model as it stands (active adapter, merged or not) on `examples`; returns (scores, outputs)."""
     t0 = time.time()
-    if config.task == "e2e":
-        rows = load_e2e(config.split or "dev", config.data_dir, config.limit)
-        hyps = generate(model, tokenizer, [e2e_prompt(r["mr"]) for r in rows], config.generation)
-        scores = generation_metrics(hyps, [r["references"] for r in rows], config.metrics or GENERATION_METRICS)
-        outputs = [{"mr": r["mr"], "output": h} for r, h in zip(rows, hyps)]
+    rows = examples.examples
+    if examples.format == "classification":
+        labels = [e.label for e in rows]
+        if run.classify == "head":
+            preds = predict_classes(model, tokenizer, [e.texts for e in rows], config.generation.batch_size,
+                                    config.max_length)
+        else:
+            from lorakit.data.records import prompt_ids
+
+            prompts = [prompt_ids(tokenizer, e.prompt, run.data.chat_template) for e in rows]
+            preds = predict_choices(model, tokenizer, prompts, examples.label_names, config.generation.batch_size)
+        scores = label_metrics(preds, labels, run.metrics)
+        names = examples.label_names
+        outputs = [{"source": e.source, "text": e.prompt, "prediction": names[int(p)] if names else p,
+                    "label": names[e.label] if names else e.label} for e, p in zip(rows, preds)]
     else:
-        rows = load_glue(config.task, config.split or "validation", config.data_dir, config.limit)
-        preds = predict_classes(model, tokenizer, [r["texts"] for r in rows], config.generation.batch_size,
-                                config.max_length)
-        scores = classification_metrics(config.task, preds, [r["label"] for r in rows])
-        outputs = [{"idx": r["idx"], "prediction": p, "label": r["label"]} for r, p in zip(rows, preds)]
-    scores = {k: round(v, 4) for k, v in scores.items()}
+        first_line = bool(run.preset and run.preset.first_line)
+        hyps = generate(model, tokenizer, [e.prompt_ids for e in rows], config.generation, first_line=first_line)
+        scores = generation_metrics(hyps, [e.references for e in rows], run.metrics)
+        outputs = [{"source": e.source, "prompt": e.prompt, "output": h, "references": e.references}
+                   for e, h in zip(rows, hyps)]
+    scores = {k: round(scores[k], 4) for k in run.metrics}  # in the order asked for
     scores["examples"] = len(rows)
     scores["seconds"] = round(time.time() - t0, 1)
     return scores, outputs
+
+
+def evaluate_model(model, tokenizer, config: EvalConfig) -> tuple[dict[str, float], list[dict]]:
+    """Score the model as it stands on `config`'s data; returns (scores, outputs)."""
+    run, records = plan(config)
+    return score(model, tokenizer, run, read_eval_set(records, tokenizer, run.data, run.preset), config)
 
 
 # ---------------------------------------------------------------------------------------------------- many models
@@ -309,7 +534,8 @@ def evaluate_many(config: EvalConfig, model: str = "smollm2-135m", adapters: Seq
 
     The model is loaded once; each adapter is loaded, optionally merged into the weights (the "merged model"
     setting: same scores, base-model speed), scored, then removed. With `out_dir`, writes `results.json`,
-    `results.md` and `outputs/<name>.jsonl`. Returns {"config", "model", "results": {name: scores}}.
+    `results.md`, `results.png` and `outputs/<name>.jsonl`. Returns {"config", "model", "data", "format",
+    "metrics", "results": {name: scores}}.
     """
     from lorakit import delete_adapter, load_adapter, load_model, merge as merge_adapter, set_adapter, unmerge
 
@@ -318,26 +544,32 @@ def evaluate_many(config: EvalConfig, model: str = "smollm2-135m", adapters: Seq
     for path in adapters:
         if not Path(path).is_dir():
             raise LorakitError(f"Adapter folder {path} does not exist (expected a lorakit or PEFT adapter folder).")
-    task = "causal-lm" if config.task == "e2e" else "seq-cls"
-    num_labels = None if config.task == "e2e" else GLUE_TASKS[config.task].num_labels
-    base, tokenizer = load_model(model, task=task, num_labels=num_labels)
+    run, records = plan(config, has_head(model, adapters))
+    examples = None
+    if run.format == "classification":  # labels first: a classification head needs their count
+        examples = read_eval_set(records, None, run.data, run.preset)
+    head = run.classify == "head"
+    num_labels = (1 if examples.regression else len(examples.label_names)) if head else None
+    base, tokenizer = load_model(model, task="seq-cls" if head else "causal-lm", num_labels=num_labels)
+    examples = examples or read_eval_set(records, tokenizer, run.data, run.preset)
     results: dict[str, Any] = {}
     outputs: dict[str, list[dict]] = {}
     names = _unique_names(adapters)
     if include_base:
-        results["base"], outputs["base"] = evaluate_model(base, tokenizer, config)
+        results["base"], outputs["base"] = score(base, tokenizer, run, examples, config)
     for name, path in zip(names, adapters):
         load_adapter(base, path, adapter=name)
         set_adapter(base, name)
         if merge:
             merge_adapter(base, name)
         try:
-            results[name], outputs[name] = evaluate_model(base, tokenizer, config)
+            results[name], outputs[name] = score(base, tokenizer, run, examples, config)
         finally:
             unmerge(base)
             delete_adapter(base, name)
         results[name]["adapter"] = str(path)
-    report = {"config": config.to_dict(), "model": model, "merged": merge, "results": results}
+    report = {"config": config.to_dict(), "model": model, "merged": merge, "data": str(run.path),
+              "format": run.format, "classify": run.classify, "metrics": list(run.metrics), "results": results}
     if out_dir is not None:
         write_results(report, outputs, out_dir)
     return report
@@ -379,8 +611,48 @@ def _fmt(value: Any) -> str:
 
 
 def write_results(report: dict[str, Any], outputs: dict[str, list[dict]], out_dir: str | Path) -> None:
+    """results.json (what the UI reads), results.md, results.png and outputs/<name>.jsonl (one line per example)."""
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "results.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out_dir / "results.md", results_table(report["results"]))
     for name, rows in outputs.items():
         atomic_write_text(out_dir / "outputs" / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    plot_results(report["results"], report.get("metrics") or [], out_dir / "results.png")
+
+
+def plot_results(results: dict[str, dict[str, Any]], metrics: Sequence[str], path: str | Path) -> Path:
+    """A bar chart: one panel per metric (their scales differ: NIST and CIDEr are not percentages), one bar per model."""
+    import os
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a window
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in metrics if any(isinstance(s.get(m), (int, float)) for s in results.values())]
+    names = list(results)
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(1.2 + 0.5 * len(names) * max(1, len(metrics)) + 1.5
+                                                                 * len(metrics), 3.2), squeeze=False)
+    colors = [f"C{i % 10}" for i in range(len(names))]
+    for ax, metric in zip(axes[0], metrics):
+        values = [results[n].get(metric) or 0.0 for n in names]
+        bars = ax.bar(range(len(names)), values, color=colors)
+        ax.bar_label(bars, labels=[_fmt(float(v)) for v in values], fontsize=7)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.margins(y=0.15)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)  # written whole, then renamed (as atomic_write_text)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
