@@ -573,7 +573,8 @@ def write_report(ctx: dict[str, Any], rows: dict[str, dict[str, Any]], base_eval
     args, peak, size, repeats = ctx["args"], ctx["peak"], ctx["size"], ctx["repeats"]
     add_ratios(rows)
     versions = next((r["versions"] for r in rows.values() if "versions" in r), {})
-    trl_settings = next((r["settings"] for r in rows.values() if "settings" in r), {})
+    trl_settings = next(({k: v for k, v in r["settings"].items() if k != "bf16"} for r in rows.values()
+                         if "settings" in r), {})
     end = (f"; at the end: fp32 {peak_end['fp32_gflops']:.0f}, bf16 {peak_end['bf16_gflops']:.0f} GFLOP/s"
            if peak_end else "")
     header = [f"# Fine-tuning end to end: TRL + PEFT vs `lorakit train` "
@@ -608,6 +609,17 @@ def write_report(ctx: dict[str, Any], rows: dict[str, dict[str, Any]], base_eval
                            f"identical token ids in TRL and lorakit and {acc['identical_target_masks']} identical "
                            f"target masks; tokens TRL {acc['tokens'][0]} / lorakit {acc['tokens'][1]}, targets "
                            f"{acc['targets'][0]} / {acc['targets'][1]}.")
+    for key, r in rows.items():
+        if r["kind"] != "lk-bf16-packed" or "error" in r:
+            continue
+        plain = next((o for o in rows.values() if o["kind"] in ("lk-bf16", "lk-auto") and "error" not in o
+                      and (o["workload"], o["targets"]) == (r["workload"], r["targets"])), None)
+        if plain:
+            explain.append(f"- {key}: padding {100 * r['padding_share']:.0f}% packed vs "
+                           f"{100 * plain['padding_share']:.0f}% unpacked ({plain['kind']})"
+                           + ("; lorakit packs within each micro-batch into rows as wide as its longest example, so "
+                              "with length-grouped batches (data.group_by_length, on by default) almost nothing fits "
+                              "together" if plain["padding_share"] - r["padding_share"] < 0.02 else "") + ".")
     explain += [f"- {n}" for n in ctx["notes"]]
     md = "\n".join(header + body + explain) + "\n"
     report = {"benchmark": "finetune", "complete": done, "settings": ctx["settings"],
