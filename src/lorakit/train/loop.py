@@ -407,12 +407,15 @@ def _resolve_base_dtype(config: TrainConfig, model: nn.Module | None, task: str)
     """base_dtype auto: measured on the device training runs on (a given model's, else the CPU load_model uses).
     fp32 without measuring where a bf16 base would meet full-precision trained modules: a model the caller prepared
     without lorakit adapters (whatever they unfroze), and classification (its head trains in fp32 on the base's
-    output; encoders are small, so the cast would gain little)."""
+    output; encoders are small, so the cast would gain little); and for a quantized base, whose adapter must load on
+    the fp32 model it was trained from (rounding W to bf16 before quantizing would change the quantized base)."""
     if config.base_dtype == "auto":
         if model is not None and not getattr(model, "lora_configs", None):
             why = "the model was prepared by the caller without lorakit adapters"
         elif task == "seq-cls":
             why = "classification trains its head in fp32 on the base's output"
+        elif config.quantize:
+            why = f"the base is stored quantized (quantize={config.quantize}); its layers compute in fp32"
         else:
             return config.resolve_auto(next(model.parameters()).device.type if model is not None else "cpu")
         return dataclasses.replace(config, base_dtype="fp32"), f"base_dtype auto -> fp32: {why}"
