@@ -592,7 +592,7 @@ def write_report(ctx: dict[str, Any], rows: dict[str, dict[str, Any]], base_eval
               f"decay 0, clip 1.0, completion-only loss, {args.threads} threads, each run its own process. "
               + (f"TRL {versions.get('trl')}, PEFT {versions.get('peft')}, transformers {versions.get('transformers')}"
                  f"; TRL's effective settings: {trl_settings}." if versions else ""), ""]
-    header += [f"- {w}: {d['source']}." for w, d in ctx["data"].items()]
+    header += [f"- {w}: {source}." for w, source in ctx["sources"].items()]
     header += [f"- {w}: the base model without an adapter scores eval loss {ev['eval_loss']:.4f} "
                f"({ev['eval_tokens']} target tokens)." for w, ev in base_eval.items()]
     body = []
@@ -601,7 +601,7 @@ def write_report(ctx: dict[str, Any], rows: dict[str, dict[str, Any]], base_eval
         body += ["", f"## {workload}, targets {targets} ({'W_q, W_v' if targets == 'qv' else 'all-linear'})", "",
                  table(rows, workload, targets)]
     explain = ["", "## How to read it", *EXPLAIN]
-    for w in ctx["data"]:
+    for w in ctx["sources"]:
         acc = next((r["accounting_vs_lorakit"] for r in rows.values()
                     if r["workload"] == w and "accounting_vs_lorakit" in r), None)
         if acc:
@@ -626,7 +626,7 @@ def write_report(ctx: dict[str, Any], rows: dict[str, dict[str, Any]], base_eval
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "cpu": cpu_info(), "gemm_peak_start": peak, "gemm_peak_end": peak_end,
               "lorakit_features": ctx["features"], "lorakit_source": ctx["source"], "model_shape": {k: v for k, v in ctx["shape"].items() if k != "shapes"},
-              "base_eval": base_eval, "notes": ctx["notes"],
+              "base_eval": base_eval, "sources": ctx["sources"], "notes": ctx["notes"],
               "results": {k: {kk: vv for kk, vv in r.items() if kk not in ("example_lengths", "example_targets")}
                           for k, r in rows.items()}}
     ctx["out"].mkdir(parents=True, exist_ok=True)
@@ -695,6 +695,7 @@ def main(argv: list[str] | None = None) -> None:
     from lorakit.models.loading import resolve_model_path
 
     ctx: dict[str, Any] = {"args": args, "argv": list(argv if argv is not None else sys.argv[1:]), "notes": [],
+                           "sources": {},
                            "out": Path(args.out) if args.out else (WORK if args.quick else RESULTS),
                            "name": args.name or ("finetune_quick" if args.quick else "finetune"),
                            "model_path": resolve_model_path("smollm2-135m"), "features": lorakit_features(),
@@ -711,12 +712,14 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--merge: {path_json} was measured with other settings: {old.get('settings')}")
         rows.update(old["results"])
         base_eval.update(old.get("base_eval") or {})
+        ctx["sources"].update(old.get("sources") or {})
     print(cpu_line(), flush=True)
     ctx["size"], ctx["repeats"] = (1024, 3) if args.quick else (2048, 10)
     ctx["peak"] = gemm_peak(args.threads, ctx["size"], ctx["repeats"])
     print(f"GEMM peak, {args.threads} threads, {ctx['size']}^3, best of {ctx['repeats']}: fp32 "
           f"{ctx['peak']['fp32_gflops']:.0f}, bf16 {ctx['peak']['bf16_gflops']:.0f} GFLOP/s", flush=True)
     ctx["data"] = {w: make_data(args, w) for w in workloads}
+    ctx["sources"].update({w: d["source"] for w, d in ctx["data"].items()})
     ctx["lk_tokens"] = {w: lorakit_tokens(ctx["model_path"], w, ctx["data"][w]["train_file"]) for w in workloads}
 
     adapters: dict[str, dict[str, Any]] = {}
