@@ -54,12 +54,31 @@ def inspect(
 
 
 @app.command("adapter-info")
-def adapter_info(path: Path = typer.Argument(..., help="An adapter folder (lorakit or PEFT).")) -> None:
-    """Print a saved adapter's config, tensors and provenance without loading a model."""
+def adapter_info(
+    path: Path = typer.Argument(..., help="An adapter folder (lorakit or PEFT)."),
+    for_: Optional[str] = typer.Option(None, "--for", help="llama.cpp, vllm or peft: instead of the summary, list "
+                                       "what would not load or would behave differently there (exit 1 on an error)."),
+    model: Optional[str] = typer.Option(None, help="With --for: the base model (default: the one the adapter records)."),
+) -> None:
+    """Print a saved adapter's config, tensors and provenance without loading a model; or, with --for, its
+    compatibility with llama.cpp, vLLM or PEFT."""
     import json
 
     from lorakit.lora.adapter_io import META_FILE, WEIGHTS_FILE, peek_adapter_config, read_adapter_weights
 
+    if for_ is not None:
+        from lorakit.export.compat import adapter_compatibility
+
+        findings = adapter_compatibility(path, target=for_, base_name_or_path=model)
+        for finding in findings:
+            typer.echo(f"{finding.level}: {finding.message}")
+        errors = sum(f.level == "error" for f in findings)
+        warnings = sum(f.level == "warning" for f in findings)
+        typer.echo(f"{for_}: {errors} error(s), {warnings} warning(s)")
+        raise typer.Exit(1 if errors else 0)
+    if model is not None:
+        raise LorakitError("--model only applies with --for (the base whose compatibility is checked); drop it, or "
+                           "add --for llama.cpp, vllm or peft.")
     config = peek_adapter_config(path)
     weights = read_adapter_weights(path / WEIGHTS_FILE)
     typer.echo(json.dumps(config.to_dict(), indent=2))
@@ -172,22 +191,71 @@ def _read_chat_line() -> str:
         return ""
 
 
+HF_ONLY = ("dtype", "max_drift", "force", "quantize")
+GGUF_ONLY = ("quant", "tokenizer_pre", "placeholder_vocab")
+
+
 @app.command()
 def merge(
+    ctx: typer.Context,
     adapter: Path = typer.Argument(..., help="The adapter folder to merge."),
-    out: Path = typer.Option(..., help="The merged model folder to write (plain transformers, no lorakit needed)."),
+    out: Path = typer.Option(..., help="The merged model folder to write (plain transformers, no lorakit needed); "
+                                       "with --format gguf the .gguf file (an Ollama Modelfile is written beside it)."),
     model: str = typer.Option("smollm2-135m", help="The base model the adapter was trained on."),
+    format: str = typer.Option("hf", help="hf (a transformers model folder) or gguf (one llama.cpp / Ollama file)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     max_drift: float = typer.Option(1e-3, help="Largest allowed logit difference vs base+adapter."),
     force: bool = typer.Option(False, help="Write the merged model even if the drift exceeds --max-drift."),
     quantize: Optional[str] = typer.Option(None, help="nf4, int8 or int8-wo: the adapter was trained on this "
                                                       "quantized base; merge into its dequantized weights."),
+    quant: str = typer.Option("f16", help="With --format gguf: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0."),
+    tokenizer_pre: Optional[str] = typer.Option(None, help="With --format gguf, for a model folder other than the "
+                                                "embedded default: llama.cpp's pre-tokenizer name (e.g. smollm, "
+                                                "llama-bpe, gpt-2)."),
+    placeholder_vocab: bool = typer.Option(False, help="With --format gguf: write a file without a vocabulary (for a "
+                                                       "model folder without a tokenizer; run it with token ids)."),
 ) -> None:
-    """Merge an adapter into its base and write a model folder AutoModelForCausalLM.from_pretrained loads."""
+    """Merge an adapter into its base and write a model folder AutoModelForCausalLM.from_pretrained loads, or
+    (--format gguf) a GGUF file llama.cpp and Ollama run, with an Ollama Modelfile beside it."""
+    if format not in ("hf", "gguf"):
+        raise LorakitError(f"--format must be hf (a transformers model folder) or gguf, got {format!r}.")
+    wrong = [name for name in (HF_ONLY if format == "gguf" else GGUF_ONLY) if _given(ctx, name)]
+    if wrong:
+        raise LorakitError(f"{', '.join('--' + w.replace('_', '-') for w in wrong)}: not used with --format {format} "
+                           f"(these options are for --format {'hf' if format == 'gguf' else 'gguf'}); drop them or "
+                           "change --format.")
+    if format == "gguf":
+        from lorakit.export.gguf_model import export_merged_gguf
+
+        typer.echo(str(export_merged_gguf(model, out, quant=quant, adapter=adapter, tokenizer_pre=tokenizer_pre,
+                                          placeholder_vocab=placeholder_vocab)))
+        return
     from lorakit.export.merged import merge_to_directory
 
     typer.echo(str(merge_to_directory(model, adapter, out, dtype=dtype, max_drift=max_drift, force=force,
                                       quantize=quantize)))
+
+
+@app.command()
+def export(
+    adapter: Path = typer.Argument(..., help="The adapter folder to convert."),
+    out: Path = typer.Option(..., help="The file to write, e.g. adapter.gguf."),
+    format: str = typer.Option("gguf", help="gguf: a GGUF LoRA adapter for llama.cpp (--lora) and Ollama (ADAPTER)."),
+    dtype: str = typer.Option("f32", help="f32, f16, bf16 or q8_0."),
+    model: Optional[str] = typer.Option(None, help="The base model (default: the one the adapter records)."),
+) -> None:
+    """Convert an adapter folder for llama.cpp / Ollama (the folder itself is in PEFT's format; `lorakit adapter-info
+    ADAPTER --for vllm|peft|llama.cpp` checks where it loads as it is)."""
+    if format != "gguf":
+        raise LorakitError(f"--format must be gguf, got {format!r}. For a merged model use `lorakit merge`.")
+    from lorakit.export.gguf import export_adapter_gguf
+
+    typer.echo(str(export_adapter_gguf(adapter, out, dtype=dtype, base_name_or_path=model)))
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 SERVE_FLAGS = all_flags(ServeConfig, Flag("adapters", name="adapter"), Flag("admin_token", envvar="LORAKIT_ADMIN_TOKEN"))
