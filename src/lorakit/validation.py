@@ -14,11 +14,15 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import math
+import re
 from typing import Any, TypeVar
 
 from lorakit.errors import LorakitError
 
 C = TypeVar("C")
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+"""An adapter's name as the server, the UI and generation accept it: a plain folder name (no path, no leading dot)."""
 
 _BUILDING = contextvars.ContextVar("lorakit_building_config", default=False)
 

@@ -14,7 +14,7 @@ import typer
 from lorakit.cli.options import Flag, all_flags, config_options, nested
 from lorakit.data.benchmarks import DEFAULT_DATA_DIR
 from lorakit.errors import LorakitError
-from lorakit.eval.evaluate import EvalConfig
+from lorakit.eval.config import EvalConfig
 from lorakit.inference.sampling import Sampling
 from lorakit.serve.config import ServeConfig
 from lorakit.train import TrainConfig

@@ -4,7 +4,8 @@ preset, side by side, writing results.json, a markdown table, a bar chart and ev
 One path for every source: `examples.read_eval_set` reads the file with training's reader and field options; then
 instruction and chat files are decoded (greedy, beam or sampled) and scored with generation metrics, classification
 files are predicted and scored with label metrics. A preset (e2e, sst2, mrpc, rte, cola, stsb) only names a staged
-file, its format and its default metrics.
+file, its format and its default metrics. The settings (`EvalConfig`, `GenerationConfig`, importable from here too) and
+the presets are in `eval.config`, which loads no torch.
 
 Metrics use the established implementations, with these conventions (generation metrics on lowercased text, as the E2E
 scripts do; all ×100 except NIST and CIDEr):
@@ -35,18 +36,17 @@ from typing import Any, Sequence
 import torch
 
 from lorakit.data.benchmarks import DEFAULT_DATA_DIR, GLUE_TASKS
-from lorakit.data.records import DataConfig, detect_format, read_records
+from lorakit.data.config import DataConfig
+from lorakit.data.records import detect_format, read_records
 from lorakit.errors import LorakitError
-from lorakit.eval.examples import E2E_PROMPT, EVAL_FORMATS, PRESETS, EvalSet, Preset, preset_path, read_eval_set
+from lorakit.eval.config import (E2E_PROMPT, EVAL_FORMATS, GENERATION_METRICS, LABEL_METRICS, EvalConfig,
+                                 GenerationConfig, Preset, preset_path)
+from lorakit.eval.examples import EvalSet, read_eval_set
 from lorakit.fsutil import atomic_write_text
 
-GENERATION_METRICS = ("exact_match", "bleu", "chrf", "nist", "meteor", "rouge_l", "cider")
 E2E_METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
-LABEL_METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
 DEFAULT_METRICS = {"instruction": ("exact_match", "bleu", "chrf", "rouge_l"), "chat": ("exact_match", "bleu", "chrf",
                    "rouge_l"), "classification": ("accuracy", "f1")}
-DECODINGS = ("greedy", "beam")
-CLASSIFY = ("head", "choice")
 
 
 def e2e_prompt(mr: str) -> str:
@@ -169,148 +169,7 @@ def classification_metrics(task: str, predictions: Sequence[float], labels: Sequ
     return label_metrics(predictions, labels, GLUE_TASKS[task].metrics)
 
 
-# ---------------------------------------------------------------------------------------------------- configs
-@dataclass
-class GenerationConfig:
-    """How to decode."""
-
-    decoding: str = "greedy"
-    """"greedy" or "beam" (with --temperature above 0, greedy becomes sampling)."""
-    num_beams: int = 4
-    """Beams for beam search (ignored for greedy)."""
-    max_new_tokens: int = 64
-    """New tokens per prompt at most; generation also stops at the end token (and, for e2e, at a newline)."""
-    batch_size: int = 16
-    """Prompts per generate() call (left-padded)."""
-    bf16: bool = False
-    """Run under bfloat16 autocast (about 1.8× faster on a modern CPU; scores move slightly)."""
-    temperature: float = 0.0
-    """0: greedy (or beam) decoding; above 0: sample from softmax(logits / temperature)."""
-    top_p: float = 1.0
-    """Sampling: keep the smallest set of tokens whose probability reaches top_p."""
-    seed: int = 0
-    """Sampling: the random seed, set again before each model so every model draws from the same stream."""
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.decoding not in DECODINGS:
-            out.append(f"decoding must be one of {DECODINGS}, got {self.decoding!r}")
-        for name in ("num_beams", "max_new_tokens", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                out.append(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not 0 <= self.temperature <= 100:
-            out.append(f"temperature must be a number in [0, 100] (0 = greedy), got {self.temperature!r}")
-        elif self.temperature > 0 and self.decoding == "beam":
-            out.append("temperature > 0 samples, which beam search does not; use decoding greedy to sample, or "
-                       "temperature 0 for beam search")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            out.append(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            out.append(f"seed must be an integer, got {self.seed!r}")
-        return out
-
-
-@dataclass
-class EvalConfig:
-    """What to evaluate on: your own file (--data) or a preset (--task), a split, optionally the first `limit`
-    examples; and which metrics to report."""
-
-    task: str | None = None
-    """A preset: e2e, sst2, mrpc, rte, cola or stsb (a staged file with its format and metrics). Default without
-    --data: e2e."""
-    data: str | None = None
-    """Your evaluation file (.jsonl/.json/.csv/.parquet or a saved datasets folder), read as training reads it."""
-    format: str = "auto"
-    """instruction, chat, classification, or auto (from the first record's fields, as in training)."""
-    prompt_field: str = "prompt"
-    """Instruction files: the prompt's field (training's data.prompt_field)."""
-    completion_field: str = "completion"
-    """Instruction files: the reference's field, a string or a list of references (data.completion_field)."""
-    messages_field: str = "messages"
-    """Chat files: the messages' field; the last assistant turn is the reference (data.messages_field)."""
-    text_field: str = "text"
-    """Classification files: the text's field (data.text_field)."""
-    text_pair_field: str | None = None
-    """Classification files: a second text's field, for sentence pairs (data.text_pair_field)."""
-    label_field: str = "label"
-    """Classification files: the label's field (data.label_field)."""
-    chat_template: bool = True
-    """Wrap instruction prompts in the tokenizer's chat template, as training does (data.chat_template)."""
-    classify: str | None = None
-    """Classification: "head" (a sequence-classification model's head) or "choice" (a causal LM picks the label
-    string it finds likeliest after the prompt). Default: head for GLUE presets and when the model folder or an
-    adapter was trained for sequence classification; otherwise choice."""
-    split: str | None = None
-    """Presets: dev (e2e) / validation (GLUE) by default. --data folders saved with datasets: default validation."""
-    limit: int | None = None
-    """Use only the first N examples (MRs for E2E)."""
-    data_dir: str = str(DEFAULT_DATA_DIR)
-    """The shared data folder of the presets (contains e2e/ and glue/)."""
-    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
-    """Decoding settings (instruction and chat files, e2e)."""
-    max_length: int = 128
-    """Truncate classification inputs to this many tokens."""
-    metrics: list[str] | None = None
-    """Metrics to report. Instruction/chat: exact_match, bleu, chrf, nist, meteor, rouge_l, cider (default
-    exact_match,bleu,chrf,rouge_l; e2e: bleu,nist,meteor,rouge_l,cider). Classification: accuracy, f1, matthews
-    (default accuracy,f1; presets: their paper's)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.generation, dict):
-            self.generation = _from_dict(GenerationConfig, self.generation, "generation")
-        problems = self.problems()
-        if problems:
-            raise LorakitError("Invalid evaluation settings:\n  - " + "\n  - ".join(problems))
-
-    def problems(self) -> list[str]:
-        problems = []
-        if self.task is not None and self.task not in PRESETS:
-            problems.append(f"task must be one of {list(PRESETS)} (or give --data), got {self.task!r}")
-        if self.task is not None and self.data is not None:
-            problems.append(f"give --data or a preset --task, not both (got data={self.data!r}, task={self.task!r})")
-        if self.data is not None and (not isinstance(self.data, str) or not self.data):
-            problems.append(f"data must be a file path, got {self.data!r}")
-        if self.format not in EVAL_FORMATS:
-            problems.append(f"format must be one of {EVAL_FORMATS}, got {self.format!r}")
-        for name in ("prompt_field", "completion_field", "messages_field", "text_field", "label_field"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                problems.append(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
-        if self.classify is not None and self.classify not in CLASSIFY:
-            problems.append(f"classify must be one of {CLASSIFY} or unset, got {self.classify!r}")
-        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit <= 0):
-            problems.append(f"limit must be a positive integer or None, got {self.limit!r}")
-        if not isinstance(self.max_length, int) or self.max_length <= 0:
-            problems.append(f"max_length must be a positive integer, got {self.max_length!r}")
-        if self.metrics is not None:
-            bad = sorted(set(self.metrics) - set(GENERATION_METRICS) - set(LABEL_METRICS))
-            if bad or not self.metrics:
-                problems.append(f"metrics {bad or '[]'} unknown; allowed {list(GENERATION_METRICS)} for instruction "
-                                f"and chat files, {list(LABEL_METRICS)} for classification")
-        return problems + self.generation.problems()
-
-    @property
-    def preset(self) -> Preset | None:
-        """The preset evaluated: --task, or e2e when neither --task nor --data is given."""
-        return PRESETS[self.task or "e2e"] if self.data is None else None
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EvalConfig":
-        return _from_dict(cls, data, "EvalConfig")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _from_dict(cls, data: dict[str, Any], what: str):
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise LorakitError(f"Unknown {what} key(s) {unknown}; allowed keys are {sorted(allowed)}.")
-    return cls(**data)
-
-
+# ---------------------------------------------------------------------------------------------------- plan
 @dataclass
 class Plan:
     """What one evaluation run reads and reports, resolved from an EvalConfig before any model is loaded."""

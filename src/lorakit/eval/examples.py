@@ -6,7 +6,7 @@ so a file that trains also evaluates, and a bad record is reported by file and l
 
 A preset is only a data source + a format + its field names + default metrics: "e2e" is the staged E2E file read as
 instructions (the prompt built from `meaning_representation`, every reference of an MR kept), the GLUE tasks are the
-staged GLUE files read as classification. Formats:
+staged GLUE files read as classification (the presets are defined in `eval.config`). Formats:
 
 - instruction: the prompt (in the chat template, as in training) is continued; the completion field is the reference
   (a string, or a list of strings when an input has several references).
@@ -19,56 +19,12 @@ staged GLUE files read as classification. Formats:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from lorakit.data.benchmarks import GLUE_TASKS
-from lorakit.data.records import DataConfig, Record, label_mapping, prompt_ids
+from lorakit.data.config import DataConfig
+from lorakit.data.records import Record, label_mapping, prompt_ids
 from lorakit.errors import LorakitError
-
-EVAL_FORMATS = ("auto", "instruction", "chat", "classification")
-E2E_PROMPT = ("Write one sentence describing the restaurant with these attributes.\n"
-              "Attributes: {mr}\nSentence:")
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named evaluation: where its file is, how to read it, and what to report by default."""
-
-    path: str
-    """The file under the data folder; {split} is replaced by the split."""
-    splits: tuple[str, ...]
-    """Allowed splits; the first is the default."""
-    format: str
-    fields: dict[str, Any]
-    """DataConfig field names for this file (prompt_field, label_field, ...)."""
-    metrics: tuple[str, ...]
-    classify: str = "head"
-    """GLUE: the sequence-classification head (as the GLUE runs train)."""
-    prompt_template: str | None = None
-    """E2E: the prompt is this template filled with the prompt field, outside any chat template."""
-    first_line: bool = False
-    """Keep only the first line of each output (E2E answers are one sentence)."""
-    regression: bool = False
-    """The label is a number predicted by a one-output head (stsb)."""
-    split_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Field names that differ in one split (E2E train rows have one "target", dev rows a list of "references")."""
-
-    def fields_for(self, split: str) -> dict[str, Any]:
-        return {**self.fields, **self.split_fields.get(split, {})}
-
-
-PRESETS: dict[str, Preset] = {
-    "e2e": Preset("e2e/{split}.jsonl", ("dev", "train"), "instruction",
-                  {"prompt_field": "meaning_representation", "completion_field": "references"},
-                  ("bleu", "nist", "meteor", "rouge_l", "cider"), prompt_template=E2E_PROMPT, first_line=True,
-                  split_fields={"train": {"completion_field": "target"}}),
-    **{name: Preset(f"glue/{name}/{{split}}.jsonl", ("validation", "train"), "classification",
-                    {"text_field": task.text_fields[0],
-                     "text_pair_field": task.text_fields[1] if len(task.text_fields) > 1 else None,
-                     "label_field": "label"}, task.metrics, regression=task.num_labels == 1)
-       for name, task in GLUE_TASKS.items()},
-}
+from lorakit.eval.config import EVAL_FORMATS, Preset
 
 
 @dataclass
@@ -93,14 +49,6 @@ class EvalSet:
     label_names: list[str] | None = None
     """Classification: class id -> label as written in the file."""
     regression: bool = False
-
-
-def preset_path(name: str, split: str | None, data_dir: str | Path) -> tuple[Path, str]:
-    preset = PRESETS[name]
-    split = split or preset.splits[0]
-    if split not in preset.splits:
-        raise LorakitError(f"Preset {name!r} has splits {list(preset.splits)}; got split={split!r}.")
-    return Path(data_dir) / preset.path.format(split=split), split
 
 
 def read_eval_set(records: list[Record], tokenizer, data: DataConfig, preset: Preset | None = None) -> EvalSet:

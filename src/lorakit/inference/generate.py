@@ -12,7 +12,6 @@ import contextlib
 from collections import Counter
 import inspect
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,8 +22,7 @@ from torch import nn
 from lorakit.errors import LorakitError
 from lorakit.inference.sampling import RowText, Sampling, TokenLogprob, pick_tokens
 from lorakit.lora.injection import adapters_per_row, merged_adapters
-
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+from lorakit.validation import ADAPTER_NAME
 
 
 @dataclass

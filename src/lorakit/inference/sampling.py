@@ -2,16 +2,21 @@
 
 Shared by both decoding loops (`generate_rows`, the static one, and the server's continuous engine), so a request
 samples and detokenizes the same way whichever loop runs it.
+
+torch is imported inside the functions that pick tokens, so the `Sampling` settings load without it (the CLI builds
+its options from them).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from lorakit.errors import LorakitError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -89,6 +94,8 @@ class TokenLogprob:
 
 def adjust_logits(logits: torch.Tensor, sampling: Sampling, generated: Counter) -> torch.Tensor:
     """One row's logits (V,) after logit_bias and OpenAI's frequency/presence penalties."""
+    import torch
+
     logits = logits.clone()
     for token, bias in sampling.logit_bias.items():
         if 0 <= token < logits.numel():
@@ -109,6 +116,8 @@ def pick_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: lis
     `histories[i]` counts row i's generated tokens (for the penalties); `forbidden[i]` are tokens it may not pick yet
     (end tokens under ignore_eos or min_tokens): they are excluded from the choice, not from the log-probabilities.
     """
+    import torch
+
     if histories is not None and any(s.adjusts_logits for s in samplings):
         logits = torch.stack([adjust_logits(logits[i], s, histories[i]) if s.adjusts_logits else logits[i]
                               for i, s in enumerate(samplings)])

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from lorakit.errors import LorakitError
-from lorakit.inference.generate import ADAPTER_NAME
+from lorakit.validation import ADAPTER_NAME
 
 
 @dataclass

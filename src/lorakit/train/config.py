@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from lorakit.data.records import DataConfig
+from lorakit.data.config import DataConfig
 from lorakit.errors import LorakitError
 from lorakit.lora.config import LoraConfig
 from lorakit.memory import MAX_MMAP_THRESHOLD

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from lorakit.errors import LorakitError
-from lorakit.inference.generate import ADAPTER_NAME
 from lorakit.lora.adapter_io import CONFIG_FILE, META_FILE, WEIGHTS_FILE, peek_adapter_config
 from lorakit.train.runlog import dir_size
 from lorakit.ui.runs import run_folders
+from lorakit.validation import ADAPTER_NAME
 
 RESULTS_FILE = "results.json"
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import LorakitError
-from lorakit.inference.generate import ADAPTER_NAME
 from lorakit.train.config import TrainConfig
 from lorakit.train.layout import CONFIG_FILE, checkpoints
+from lorakit.validation import ADAPTER_NAME
 
 LAUNCH_FILE = "launch.yaml"
 LOG_FILE = "train.log"

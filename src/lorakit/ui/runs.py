@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from lorakit.inference.generate import ADAPTER_NAME
 from lorakit.train.layout import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, checkpoint_step, checkpoints
 from lorakit.train.runlog import dir_size, read_history
+from lorakit.validation import ADAPTER_NAME
 
 SERIES = ("loss", "eval_loss", "eval_ppl", "accuracy", "exact_match", "lr", "grad_norm", "tokens_per_s")
 """Numeric keys of metrics.jsonl records the page plots (others are ignored)."""
