@@ -1,11 +1,12 @@
-"""Shared benchmark harness: which parameters train for each method, a minimal fixed-step training loop, data
-batching for E2E and GLUE, and result files. Benchmark-only code: the scripts here compare methods under one
-identical loop (same examples, order, steps, schedule), which is why they do not go through a general trainer.
+"""Shared benchmark harness: which parameters train for each method, fixed-step training on `lorakit train`'s own step,
+data batching for E2E and GLUE, and result files. The scripts here compare methods under one identical run (same
+examples, order, steps, schedule): they build the batches and count the steps here, and each step is the library's.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -70,23 +71,30 @@ def trainable_count(model: torch.nn.Module) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------- loop
 def train(model, batches: Iterator[dict[str, torch.Tensor]], steps: int, lr: float, bf16: bool, warmup: int = 10,
           log_every: int = 10, tag: str = "") -> dict[str, Any]:
-    """AdamW (weight decay 0), linear warm-up then linear decay to 0, gradient clipping at 1.0."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / max(1, warmup), max(0.0, (steps - s) / max(1, steps - warmup))))
+    """`steps` optimizer steps of `lorakit train`'s own step (lorakit.train.loop.train_step) on the batches built
+    here, one batch per step: AdamW with weight decay 0, linear warm-up over `warmup` steps then linear decay to 0,
+    gradient clipping at 1.0, bf16 autocast with `bf16` (the frozen base stays fp32); the loss is the library's
+    (causal-LM, or classification when the batches carry one label per row), and a non-finite step stops the run.
+
+    The results files written before this went through the library were measured by a loop of this file's own,
+    which differed in: warm-up factor (s+1)/warmup, now lorakit's (s+1)/(warmup+1), so the peak lr comes one step
+    later (with steps < warmup the old one also decayed); the causal-LM loss from model(**batch).loss, now lorakit's
+    fused cross-entropy (equal to float rounding); a non-finite step was applied; and gated MLPs (SmolLM2) now run
+    lorakit's fused forward (bit-identical values, less memory).
+    """
+    from lorakit.train import OptimConfig, TrainConfig, build_model_run, train_step
+
+    first = next(batches)
+    batches = itertools.chain([first], batches)
+    config = TrainConfig(precision="bf16" if bf16 else "fp32", base_dtype="fp32", progress=False, tensorboard=False,
+                         output_dir=str(RUNS / (tag or "train")),
+                         optim=OptimConfig(lr=lr, weight_decay=0.0, schedule="linear", warmup_steps=warmup,
+                                           max_grad_norm=1.0, batch_size=len(first["input_ids"]), max_steps=steps))
+    run = build_model_run(model, config, task="seq-cls" if first["labels"].dim() == 1 else "causal-lm")
     model.train()
     losses, t0 = [], time.time()
     for step in range(steps):
-        batch = next(batches)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(train_step(run, [next(batches)])["loss"])
         if (step + 1) % log_every == 0 or step == 0:
             recent = losses[-log_every:]
             print(f"  [{tag}] step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} "

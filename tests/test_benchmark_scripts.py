@@ -1,5 +1,6 @@
-"""The benchmark scripts' own logic (no model runs): which target settings can be selected, that they share one
-parameter budget, and that --merge/--reuse refuse results measured with other settings."""
+"""The benchmark scripts' own logic: which target settings can be selected, that they share one parameter budget,
+that --merge/--reuse refuse results measured with other settings, and that their training takes lorakit's step (on
+tiny in-process models)."""
 
 import argparse
 import json
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import _common as C  # noqa: E402
@@ -86,3 +88,59 @@ def test_e2e_markdown_names_the_reused_rows(tmp_path):
     assert "not trained again: r=4 = e2e_nlg.json:lora." in md
     assert "| r=4 | – | – | 61.50 |" in md
     assert json.loads((tmp_path / "rank_x.json").read_text())["results"] == rows
+
+
+def _no_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def test_train_takes_lorakits_step_on_the_scripts_batches(monkeypatch, capsys):
+    import lorakit.train.loop as loop
+    from conftest import tiny_llama
+    from lorakit import LoraConfig
+
+    calls = []
+    real_step = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda run, batches=None: calls.append(len(batches)) or
+                        real_step(run, batches))
+    torch.manual_seed(0)
+    ids = torch.randint(1, 97, (4, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100  # the prompt
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    model = tiny_llama()
+    C.prepare(model, "lora", LoraConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        loss0 = float(model(**batch).loss)
+    out = C.train(model, iter([batch] * 5), steps=5, lr=1e-2, bf16=False, warmup=2, log_every=2, tag="t")
+    assert list(out) == ["steps", "train_seconds", "first_loss", "final_loss", "seconds_per_step"]
+    assert out["steps"] == 5 and calls == [1] * 5 and not model.training
+    assert out["first_loss"] == pytest.approx(loss0, abs=1e-4) and out["final_loss"] < out["first_loss"]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  [t] step")]
+    assert [line.split()[2] for line in lines] == ["1/5", "2/5", "4/5"]
+
+
+def test_train_trains_a_classifier_fully_with_its_sentence_pairs():
+    from conftest import tiny_bert
+
+    torch.manual_seed(0)
+    ids = torch.randint(1, 97, (4, 10))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "token_type_ids": torch.tensor([[0] * 5 + [1] * 5] * 4), "labels": torch.tensor([0, 1, 2, 1])}
+    model = _no_dropout(tiny_bert())
+    with torch.no_grad():  # segments and head large enough for the loss to tell whether token_type_ids arrived
+        model.bert.embeddings.token_type_embeddings.weight.normal_(0, 1.0)
+        model.classifier.weight.normal_(0, 1.0)
+    C.prepare(model, "full")
+    with torch.no_grad():
+        loss0 = float(model(**batch).loss)
+        without_pairs = float(model(**{k: v for k, v in batch.items() if k != "token_type_ids"}).loss)
+    assert abs(loss0 - without_pairs) > 1e-3  # so the first loss shows the segments reached the model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = C.train(model, iter([batch] * 3), steps=3, lr=1e-3, bf16=False, warmup=0, log_every=10, tag="cls")
+    assert out["first_loss"] == pytest.approx(loss0, abs=1e-4)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n.endswith("weight")
+               and "embeddings" not in n)

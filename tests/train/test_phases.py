@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -164,3 +165,27 @@ def test_finish_writes_the_final_checkpoint_adapter_and_summary(tmp_path, data_f
     assert summary["examples"] == 18 and summary["loss curve"] == "none"  # nothing was logged: no curve
     assert summary["adapter size on disk (bytes)"] > 1024 * 4
     assert "training summary" in capsys.readouterr().out
+
+
+def test_a_model_run_takes_the_same_step_on_the_callers_batches(tmp_path, data_file, tok):
+    from lorakit.train import OptimConfig, TrainConfig, build_model_run
+    from lorakit.train.loop import _next_micro_batches
+
+    a = make_run(tmp_path / "a", data_file, tok)
+    batches = _next_micro_batches(a)  # what a's first step trains on
+    a.micro = 0
+    optim = dataclasses.replace(a.config.optim, max_steps=a.total_steps)
+    b = build_model_run(lora_model(dropout=0.0), dataclasses.replace(a.config, output_dir=str(tmp_path / "b"),
+                                                                     optim=optim), task="causal-lm")
+    b.engine.train()
+    ours, theirs = train_step(a), train_step(b, batches)
+    assert (theirs["loss"], theirs["lr"], theirs["grad_norm"]) == (ours["loss"], ours["lr"], ours["grad_norm"])
+    assert all(torch.equal(p, q) for (_, p), (_, q) in zip(a.params, b.params))
+    assert (b.step, b.micro, b.total_steps, theirs["epoch"]) == (1, 2, 8, None)
+    assert not (tmp_path / "b").exists()  # nothing written
+
+    nan_gradient(b)
+    with pytest.raises(LorakitError, match="gradient norm became nan at step 2; the step was not applied"):
+        train_step(b, batches)
+    with pytest.raises(LorakitError, match="set optim.max_steps"):
+        build_model_run(lora_model(), TrainConfig(optim=OptimConfig()), task="causal-lm")

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 # public name -> the module that defines it
 _PUBLIC = {
     **dict.fromkeys(["TrainConfig", "OptimConfig", "apply_override"], "lorakit.train.config"),
-    **dict.fromkeys(["TrainResult", "train", "prepare", "build_run", "restore", "train_step", "validate",
-                     "finish", "load_data"], "lorakit.train.loop"),
+    **dict.fromkeys(["TrainResult", "train", "prepare", "build_run", "build_model_run", "restore", "train_step",
+                     "validate", "finish", "load_data"], "lorakit.train.loop"),
     **dict.fromkeys(["save_checkpoint", "read_checkpoint", "latest_checkpoint", "save_trained"],
                     "lorakit.train.checkpoint"),
     "checkpoints": "lorakit.train.layout",
@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from lorakit.train.config import OptimConfig, TrainConfig, apply_override  # noqa: F401
     from lorakit.train.layout import checkpoints  # noqa: F401
     from lorakit.train import (  # noqa: F401
-        TrainResult, build_run, finish, load_data, prepare, restore, train, train_step, validate)
+        TrainResult, build_model_run, build_run, finish, load_data, prepare, restore, train, train_step, validate)
     from lorakit.train.metrics import evaluate, exact_match  # noqa: F401
     from lorakit.train.optim import build_optimizer  # noqa: F401
     from lorakit.train.runlog import plot_loss, summary_table  # noqa: F401

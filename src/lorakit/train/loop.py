@@ -1,6 +1,7 @@
 """The training loop: `train()` reads top to bottom and calls named phases, each usable alone —
-prepare (tokenizer, data, model), build_run (engine, optimizer, schedule), restore (resume), train_step (one optimizer
-step with the non-finite guard), validate (metrics and best/), checkpoint, finish (adapter, summary).
+prepare (tokenizer, data, model), build_run (engine, optimizer, schedule; build_model_run for a model and batches the
+caller supplies), restore (resume), train_step (one optimizer step with the non-finite guard), validate (metrics and
+best/), checkpoint, finish (adapter, summary).
 
     from lorakit.train import TrainConfig, train
 
@@ -12,6 +13,11 @@ step with the non-finite guard), validate (metrics and best/), checkpoint, finis
     model, tok = lorakit.load_model()
     for n, p in model.named_parameters(): p.requires_grad_(n.endswith("bias"))   # BitFit
     train(TrainConfig(data=DataConfig(train_file="train.jsonl"), output_dir="runs/bitfit"), model=model, tokenizer=tok)
+
+    # or the step alone, on batches you build (the benchmarks do this): no data file, nothing written
+    run = build_model_run(model, TrainConfig(optim=OptimConfig(lr=1e-3, max_steps=100)), task="causal-lm")
+    for batch in my_batches:                    # dicts of input_ids, attention_mask, labels
+        record = train_step(run, [batch])
 
 A run folder holds: config.yaml (resolved), checkpoints/step-N/ (adapter, optimizer and scheduler state, RNG states,
 data position), best/ (the best adapter by the validation metric), adapter/ (the final adapter), metrics.jsonl,
@@ -46,7 +52,7 @@ from lorakit.memory import peak_rss_mb, set_mmap_threshold
 from lorakit.train import distributed as dist
 from lorakit.train.checkpoint import (latest_checkpoint, load_optimizer_state, save_run_checkpoint, save_trained,
                                       set_rng_state, trainable_params)
-from lorakit.train.config import TrainConfig
+from lorakit.train.config import OptimConfig, TrainConfig
 from lorakit.train.layout import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, checkpoints
 from lorakit.train.losses import batch_loss
 from lorakit.train.metrics import autocast, evaluate
@@ -80,7 +86,8 @@ class Prepared:
 
     model: nn.Module
     tokenizer: Any
-    train_data: TokenizedData
+    train_data: TokenizedData | None
+    """None in a run whose caller supplies the batches (build_model_run)."""
     eval_data: TokenizedData | None
     task: str
     """causal-lm or seq-cls."""
@@ -104,6 +111,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
     micro_per_epoch: int
+    """0 in a run whose caller supplies the batches (build_model_run): it has no epochs (its records' epoch is None)."""
     distributed: bool = False
     say: Callable[[str], None] = print
     """Prints on rank 0; silent on the other ranks."""
@@ -228,23 +236,59 @@ def build_run(config: TrainConfig, prepared: Prepared, run_dir: Path, distribute
               say: Callable[[str], None] = print, note: str | None = None) -> Run:
     """The loss engine (DDP/FSDP2 when distributed), AdamW and its schedule; writes the run's config.yaml (with
     `note`, e.g. what base_dtype auto chose and why, as a comment at its top)."""
-    model, o = prepared.model, config.optim
-    engine = dist.wrap(model, functools.partial(batch_loss, task=prepared.task),
-                       config.distributed if distributed else "none")
-    params = trainable_params(model)  # after wrapping: FSDP2 replaced them with sharded parameters
+    o = config.optim
     if o.batch_size % dist.world_size():
         raise LorakitError(f"optim.batch_size={o.batch_size} is the global micro-batch and must be a multiple of the "
                            f"{dist.world_size()} processes.")
     micro_per_epoch = math.ceil(len(prepared.train_data.examples) / o.batch_size)
     total_steps = o.max_steps or math.ceil(micro_per_epoch * o.epochs / o.grad_accum)
-    optimizer = build_optimizer(model, params, o)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(o, total_steps))
+    engine, params, optimizer, scheduler = _optimization(prepared, o, total_steps,
+                                                         config.distributed if distributed else "none")
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG_FILE, config.to_yaml(note))
     dist.barrier()
     return Run(config, run_dir, prepared, engine, params, optimizer, scheduler, total_steps, micro_per_epoch,
                distributed, say)
+
+
+def build_model_run(model: nn.Module, config: TrainConfig, task: str, say: Callable[[str], None] = print) -> Run:
+    """A run for a model you prepared, fed with micro-batches you build: `train_step(run, [batch, ...])` then takes
+    train()'s step on them. For callers that measure the step itself (the benchmarks), in one process.
+
+    The model gets prepare()'s base-side options (base_dtype, quantize, fused MLP, gradient checkpointing); exactly
+    the parameters with requires_grad train, with AdamW and the schedule of `config.optim` over `optim.max_steps`
+    steps (required: such a run has no data to count epochs of). `task` (causal-lm or seq-cls) picks the loss, as in
+    train(). No data file is read and nothing is written; `config.output_dir` is only named in the message of a
+    non-finite stop. The batches are dicts of input_ids, attention_mask and labels (padded labels -100; one label per
+    row for seq-cls, which may add token_type_ids).
+    """
+    if task not in ("causal-lm", "seq-cls"):
+        raise LorakitError(f"build_model_run(): task must be causal-lm or seq-cls, got {task!r}.")
+    if config.optim.max_steps is None:
+        raise LorakitError("build_model_run(): set optim.max_steps; a run fed by its caller has no epochs to count.")
+    config, note = _resolve_base_dtype(config, model, task)
+    if note:
+        say(note)
+    _prepare_base(model, config)
+    if not trainable_params(model):
+        raise LorakitError("Nothing to train: no parameter has requires_grad. Add an adapter (add_lora) or unfreeze "
+                           "the parameters you want to train.")
+    prepared = Prepared(model, None, None, None, task, config, note)
+    total_steps = config.optim.max_steps
+    engine, params, optimizer, scheduler = _optimization(prepared, config.optim, total_steps, "none")
+    return Run(config, Path(config.output_dir), prepared, engine, params, optimizer, scheduler, total_steps, 0,
+               say=say)
+
+
+def _optimization(prepared: Prepared, optim: OptimConfig, total_steps: int, mode: str
+                  ) -> tuple[nn.Module, list[tuple[str, nn.Parameter]], torch.optim.Optimizer,
+                             torch.optim.lr_scheduler.LambdaLR]:
+    """The loss engine (wrapped for `mode`: none, ddp or fsdp), the parameters that train, AdamW and its schedule."""
+    engine = dist.wrap(prepared.model, functools.partial(batch_loss, task=prepared.task), mode)
+    params = trainable_params(prepared.model)  # after wrapping: FSDP2 replaced them with sharded parameters
+    optimizer = build_optimizer(prepared.model, params, optim)
+    return engine, params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(optim, total_steps))
 
 
 def restore(run: Run, state: dict[str, Any]) -> None:
@@ -266,15 +310,22 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     set_rng_state(*state["rng"])
 
 
-def train_step(run: Run) -> dict[str, Any]:
+def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
     """One optimizer step over `grad_accum` micro-batches; returns its metrics record.
+
+    `micro_batches`: the step's micro-batches from the caller (see build_model_run) instead of the run's data; they
+    are weighted, guarded and stepped exactly like the run's own.
 
     A step whose loss or gradient norm is NaN/inf is never applied, so the weights and every later checkpoint stay
     finite: with on_nonfinite=stop (or too many skips in a row) it raises a LorakitError naming the last good
     checkpoint; with skip it is dropped (the record says "skipped") and the schedule and data move on.
     """
     config = run.config
-    loss, bad_loss, tokens = _accumulate_gradients(run, _next_micro_batches(run))
+    if micro_batches is None:
+        micro_batches = _next_micro_batches(run)
+    else:
+        run.micro += len(micro_batches)
+    loss, bad_loss, tokens = _accumulate_gradients(run, micro_batches)
     norm = None if bad_loss is not None else grad_norm(run.params, config.optim.max_grad_norm)
     lr = run.scheduler.get_last_lr()[0]
     problem = (f"loss became {bad_loss}" if bad_loss is not None else
@@ -295,8 +346,8 @@ def train_step(run: Run) -> dict[str, Any]:
     run.step += 1
 
     now = time.perf_counter()
-    record = {"step": run.step, "epoch": round(run.micro / run.micro_per_epoch, 4), "loss": loss, "lr": lr,
-              "tokens_per_s": tokens / max(now - run.tick, 1e-9), "time": round(time.time(), 3)}
+    record = {"step": run.step, "epoch": round(run.micro / run.micro_per_epoch, 4) if run.micro_per_epoch else None,
+              "loss": loss, "lr": lr, "tokens_per_s": tokens / max(now - run.tick, 1e-9), "time": round(time.time(), 3)}
     if norm is not None and math.isfinite(norm):
         record["grad_norm"] = norm
     if problem is not None:

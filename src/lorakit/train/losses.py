@@ -109,8 +109,9 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
 
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     """Mean loss of one batch: next-token cross-entropy over labelled tokens, or classification loss (seq-cls)."""
-    if task == "seq-cls":
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    if task == "seq-cls":  # token_type_ids: sentence pairs as a BERT tokenizer encodes them (batches built by a caller)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels") if k in batch}
+        return model(**inputs).loss
     if "position_ids" in batch:  # packed (lorakit.data.packing): no mask, so the model derives it from the positions
         return causal_lm_loss(model, batch["input_ids"], batch["labels"], None, position_ids=batch["position_ids"],
                               use_cache=False)
