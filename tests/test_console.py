@@ -12,7 +12,7 @@ from pathlib import Path
 from tiny_text import save_tiny_lm
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-NOISE = ("Warning", "warning:", "Traceback", "Failed to load", "deprecated")
+NOISE = ("Warning", "warning:", "Traceback", "Failed to load", "deprecated", "Loading weights")
 
 
 def lorakit(*args: str, cwd: Path) -> str:

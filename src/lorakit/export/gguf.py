@@ -285,13 +285,14 @@ def write_gguf(path: str, arch: str, kv: Iterable[tuple[str, Any, Any, Any]],
 def load_fp32_base(name: str) -> nn.Module:
     """The base model `name` (embedded name or folder) in fp32, in inference mode: lorakit's load_model, or
     transformers directly for a weights-only folder (no tokenizer)."""
-    from lorakit.models.loading import load_model
+    from lorakit.models.loading import load_model, quiet_loading
 
     folder = Path(name).expanduser()
     if folder.is_dir() and not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
         return model.train(False)
     return load_model(name, dtype=torch.float32)[0]
 

@@ -7,6 +7,7 @@ later loads take about a second.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -110,6 +111,21 @@ def _import_model_code() -> None:
             logger.removeFilter(noise)
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """transformers' "Loading weights" progress bar off for a load that takes a second (it is library noise between
+    lorakit's own lines); the user's setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _convert_gguf(gguf_file: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -158,10 +174,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, task: str = "causal-lm", dtype
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        if task == "causal-lm":
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels or 2, **kwargs)
+        with quiet_loading():
+            if task == "causal-lm":
+                model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels or 2, **kwargs)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
