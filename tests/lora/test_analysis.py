@@ -85,5 +85,10 @@ def test_analyze_two_adapters_and_amplification(tmp_path):
     layer = model2.get_submodule(name)
     expected = amplification(base.get_submodule(name).weight, layer.delta_weight("default"), 2)
     assert amp[name]["amplification"] == pytest.approx(expected["amplification"], rel=1e-5)
+    report = analyze(p2, base=base, base_name="tiny-llama")  # the caller loads the base; analysis takes the model
+    assert report["amplification"][name]["amplification"] == pytest.approx(expected["amplification"], rel=1e-5)
+    assert "on tiny-llama)" in report["markdown"]
+    with pytest.raises(LorakitError, match="loaded model"):
+        analyze(p2, base="smollm2-135m")
     with pytest.raises(LorakitError, match="Nothing to analyse"):
         analyze(p2)

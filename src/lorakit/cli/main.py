@@ -125,7 +125,13 @@ def analyze(
     """The paper's ΔW analysis: normalised subspace similarity between two adapters and the amplification factor."""
     from lorakit.lora.analysis import analyze as run
 
-    report = run(adapter1, adapter2, model=model, matrix=matrix, out_dir=out, random_draws=random_draws)
+    base = None
+    if model is not None:
+        from lorakit.models.loading import load_model
+
+        base, _ = load_model(model)
+    report = run(adapter1, adapter2, base=base, matrix=matrix, out_dir=out, random_draws=random_draws,
+                 base_name=model)
     typer.echo(report["markdown"])
 
 

@@ -104,7 +104,9 @@ def _routing(model: nn.Module, names: list[str | None]):
     return contextlib.nullcontext()
 
 
-def _end_token_ids(model: nn.Module, tokenizer) -> set[int]:
+def end_token_ids(model: nn.Module, tokenizer) -> set[int]:
+    """The token ids that end a completion: the model's generation-config `eos_token_id` (one id or a list) and the
+    tokenizer's `eos_token_id`, whichever are set."""
     ids = set()
     for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
         if isinstance(source, int):
@@ -137,7 +139,7 @@ def generate_rows(model: nn.Module, tokenizer, rows: Sequence[Row],
             raise LorakitError(f"Row {i} has an empty prompt; give at least one token.")
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    end_ids = _end_token_ids(model, tokenizer)
+    end_ids = end_token_ids(model, tokenizer)
     width = max(len(r.prompt_ids) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)  # (B, T), left padded
     mask = torch.zeros_like(input_ids)

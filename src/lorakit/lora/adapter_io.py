@@ -23,6 +23,7 @@ from lorakit.errors import LorakitError
 from lorakit.fsutil import atomic_directory, require_finite, write_json
 from lorakit.lora.injection import active_adapter, add_lora, delete_adapter, lora_layers, require_adapter, set_adapter
 from lorakit.lora.layers import LORA_LAYERS, is_quantized_weight
+from lorakit.lora.quantized import dequantize_weight, quantization_method
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -64,8 +65,6 @@ def _unmerged_weight(layer, original_of: str | None = None) -> torch.Tensor:
     """The base weight without merged adapters; with `original_of`, also with that adapter's PiSSA/OLoRA part back."""
     weight = layer.base_layer.weight.detach()
     if is_quantized_weight(weight):  # a quantized base: fingerprint the weights it computes with
-        from lorakit.models.quantization import dequantize_weight
-
         weight = dequantize_weight(layer.base_layer)
     for name in layer.merged_adapters:
         weight = layer.unmerged_weight(name, weight)
@@ -87,8 +86,6 @@ def base_fingerprint(model: nn.Module, adapter: str, original: bool = False) -> 
             continue
         w = _unmerged_weight(layer, adapter if original else None)
         if is_quantized_weight(layer.base_layer.weight):
-            from lorakit.models.quantization import quantization_method
-
             quantization = quantization_method(layer.base_layer)
         digest.update(name.encode() + str(w.dtype).encode())
         digest.update(w.contiguous().cpu().view(torch.uint8).numpy().tobytes() if w.dtype != torch.bfloat16

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from lorakit.lora.adapter_io import PREFIX, WEIGHTS_FILE, peek_adapter_config, read_adapter_weights
 from lorakit.errors import LorakitError
@@ -128,8 +129,6 @@ def amplification(W: torch.Tensor, delta: torch.Tensor, r: int, random_draws: in
 
 def amplification_report(model, path: str | Path, random_draws: int = 10) -> dict[str, dict[str, float]]:
     """`amplification` for every LoRA linear layer of the adapter at `path`, on the matching weights of `model`."""
-    from torch import nn
-
     out = {}
     for name, factors in adapter_factors(path).items():
         try:
@@ -192,10 +191,15 @@ def plot_similarity(grids: dict[str, torch.Tensor], path: str | Path, title: str
     plt.close(fig)
 
 
-def analyze(path1: str | Path, path2: str | Path | None = None, model: str | None = None, matrix: str = "A",
-            out_dir: str | Path | None = None, random_draws: int = 10) -> dict[str, Any]:
-    """The `lorakit analyze` workflow. With two adapters: φ per module (+ heatmaps). With a model: the amplification
-    factor of the first adapter's ΔW on that model's weights. Writes analysis.json/.md (+ PNG) to `out_dir`."""
+def analyze(path1: str | Path, path2: str | Path | None = None, base: nn.Module | None = None, matrix: str = "A",
+            out_dir: str | Path | None = None, random_draws: int = 10, base_name: str | None = None) -> dict[str, Any]:
+    """The `lorakit analyze` workflow. With two adapters: φ per module (+ heatmaps). With a loaded base model `base`:
+    the amplification factor of the first adapter's ΔW on its weights, labelled `base_name` (default: the model's
+    `config._name_or_path`). Writes analysis.json/.md (+ PNG) to `out_dir`. The caller loads the base (the CLI with
+    `load_model`)."""
+    if base is not None and not isinstance(base, nn.Module):
+        raise LorakitError(f"analyze: base must be a loaded model (nn.Module), got {type(base).__name__}; load it "
+                           "first, e.g. with lorakit.load_model.")
     report: dict[str, Any] = {"adapter1": str(path1), "adapter2": str(path2) if path2 else None, "matrix": matrix}
     md = []
     if path2 is not None:
@@ -208,17 +212,16 @@ def analyze(path1: str | Path, path2: str | Path | None = None, model: str | Non
         if out_dir is not None:
             plot_similarity(grids, Path(out_dir) / "subspace_similarity.png",
                             f"φ between {Path(path1).name} and {Path(path2).name} ({matrix})")
-    if model is not None:
-        from lorakit.models.loading import load_model
-
-        base, _ = load_model(model)
+    if base is not None:
+        if base_name is None:
+            base_name = getattr(getattr(base, "config", None), "_name_or_path", None) or type(base).__name__
         amp = amplification_report(base, path1, random_draws)
         report["amplification"] = amp
-        md += ["", f"Amplification ({Path(path1).name} on {model}):", "",
+        md += ["", f"Amplification ({Path(path1).name} on {base_name}):", "",
                "| module | r | ‖ΔW‖ | ‖W‖ | ‖UᵀWV‖ ΔW dirs | W dirs | random | factor |", "|---|---:|" + "---:|" * 6]
         md += [f"| {n} | {a['r']} | {a['delta_norm']:.3f} | {a['W_norm']:.2f} | {a['W_in_delta_dirs']:.3f} | "
                f"{a['W_in_W_dirs']:.2f} | {a['W_in_random_dirs']:.3f} | {a['amplification']:.2f} |" for n, a in amp.items()]
-    if path2 is None and model is None:
+    if path2 is None and base is None:
         raise LorakitError("Nothing to analyse: give a second adapter (subspace similarity) and/or --model "
                            "(amplification factor).")
     report["markdown"] = "\n".join(md) + "\n"

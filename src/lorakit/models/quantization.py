@@ -15,6 +15,8 @@ the quantized base + adapter it replaces; merging back into the quantized format
 `loftq_init` (LoftQ, Li et al. 2023) chooses the base's quantization and the adapter together: alternately quantize
 W − BA and set BA to the rank-r SVD of the residual W − Q, so that Q + BA starts closer to W than Q alone.
 bitsandbytes and torchao are imported lazily: only these functions need them (`pip install 'lorakit[quant]'`).
+`is_quantized`, `quantization_method` and `dequantize_weight` (reading a quantized layer's format and weight) live in
+`lorakit.lora.quantized` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ from torch import nn
 from lorakit.errors import LorakitError
 from lorakit.lora.injection import (active_adapter, candidate_modules, disable_adapters, head_names, lora_layers, merge,
                                     merged_adapters, set_submodule, unload)
-from lorakit.lora.layers import LoraLinear, is_quantized_weight
+from lorakit.lora.layers import LoraLinear
+# is_quantized, quantization_method and dequantize_weight are defined in lorakit.lora.quantized (adapter files read the
+# format, and lora sits below models) and stay importable from here.
+from lorakit.lora.quantized import (dequantize_weight, import_bitsandbytes, is_quantized, is_torchao_weight,
+                                    quantization_method)
 
 METHODS = ("nf4", "int8", "int8-wo")
 LOFTQ_BITS = {4: "nf4", 8: "int8"}
@@ -37,15 +43,6 @@ LOFTQ_BITS = {4: "nf4", 8: "int8"}
 # whole blocks and the rows into groups of 32, and crashes on layers that do not divide evenly. The rule is applied on
 # every device, so a model quantizes the same way (and the same layers stay full precision) on every machine.
 NF4_BLOCK, NF4_ROW_GROUP = 64, 32
-
-
-def _bnb():
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise LorakitError("Quantized bases need bitsandbytes, which is not installed. Install it with: "
-                           "pip install 'lorakit[quant]' (or pip install bitsandbytes).") from None
-    return bitsandbytes
 
 
 def _torchao():
@@ -57,30 +54,12 @@ def _torchao():
     return torchao.quantization
 
 
-def _is_torchao(weight: torch.Tensor) -> bool:
-    return weight.is_floating_point() and is_quantized_weight(weight)
-
-
 def _check_method(method: str) -> None:
     if method not in METHODS:
         raise LorakitError(f"quantize must be one of {METHODS}, got {method!r}.")
 
 
 # ---------------------------------------------------------------------------------------------------- layers
-def is_quantized(module: nn.Module) -> bool:
-    """A linear layer whose weight is stored quantized (bitsandbytes Linear4bit / Linear8bitLt, torchao Int8Tensor)."""
-    weight = getattr(module, "weight", None)
-    return isinstance(module, nn.Linear) and weight is not None and is_quantized_weight(weight)
-
-
-def quantization_method(module: nn.Module) -> str | None:
-    if not is_quantized(module):
-        return None
-    if _is_torchao(module.weight):
-        return "int8-wo"
-    return "nf4" if type(module).__name__ == "Linear4bit" else "int8"
-
-
 def unsupported_shape(linear: nn.Linear, method: str) -> str | None:
     """Why `method` cannot quantize this layer on every CPU and GPU its library supports (None: it can)."""
     if method == "nf4" and (linear.in_features % NF4_BLOCK or linear.out_features % NF4_ROW_GROUP):
@@ -99,7 +78,7 @@ def quantize_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype =
                            "quantize='int8' / 'int8-wo', which have no width rule.")
     if method == "int8-wo":
         return _torchao_linear(linear, compute_dtype, weight)
-    bnb = _bnb()
+    bnb = import_bitsandbytes()
     w = (linear.weight if weight is None else weight).detach().float().cpu().clone()  # (out, in)
     has_bias = linear.bias is not None
     if method == "nf4":
@@ -162,20 +141,6 @@ def _torchao_linear(linear: nn.Linear, compute_dtype: torch.dtype, weight: torch
     return q.train(linear.training)
 
 
-def dequantize_weight(module: nn.Module) -> torch.Tensor:
-    """The fp32 (out, in) weight a quantized linear layer computes with."""
-    w = module.weight
-    if quantization_method(module) == "int8-wo":
-        return w.dequantize().float()
-    bnb = _bnb()
-    if quantization_method(module) == "nf4":
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
-    if quantization_method(module) == "int8":
-        scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB  # (out,) row absmax
-        return w.data.float() * (scb.float()[:, None] / 127.0)
-    raise LorakitError(f"{type(module).__name__} is not a quantized linear layer.")
-
-
 def dequantize_linear(module: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Linear:
     w = dequantize_weight(module)
     linear = nn.Linear(w.shape[1], w.shape[0], bias=module.bias is not None, device=w.device, dtype=dtype)
@@ -197,7 +162,7 @@ def weight_bytes(model: nn.Module) -> int:
         nonlocal total
         if isinstance(t, torch.Tensor) and id(t) not in seen:
             seen.add(id(t))
-            if _is_torchao(t):
+            if is_torchao_weight(t):
                 for inner in t.__tensor_flatten__()[0]:
                     add(getattr(t, inner))
             else:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.inference.generate import Completion, Row, _end_token_ids, generate_rows
+from lorakit.inference.generate import Completion, Row, end_token_ids, generate_rows
 from lorakit.inference.sampling import RowText, pick_tokens
 from lorakit.serve.adapters import AdapterCache
 from lorakit.serve.config import ServeConfig, ServeError
@@ -48,7 +48,7 @@ class Engine:
         self.metrics = Metrics()
         self.adapters = AdapterCache(model, config, self.lock, self.metrics)
         self.base_name = self.adapters.base_name
-        self.end_ids = _end_token_ids(model, tokenizer)
+        self.end_ids = end_token_ids(model, tokenizer)
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.stats = {"steps": 0, "rows": 0, "largest_batch": 0, "mixed_adapter_steps": 0}
         self.scheduler = self.runner = None
