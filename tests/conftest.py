@@ -45,6 +45,15 @@ def quantizable_llama(seed: int = 0):
     return tiny_llama(seed, hidden_size=64, intermediate_size=128)
 
 
+def single_threaded():
+    """Run a test on one thread: on tiny matrices two threads on a shared machine spend more time synchronising than
+    computing. Test modules make it a fixture: `one_thread = pytest.fixture(autouse=True, name="one_thread")(...)`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 MODEL_FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
 

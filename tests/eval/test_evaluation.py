@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from conftest import randomize_lora_B, tiny_bert, tiny_llama
+from conftest import single_threaded, randomize_lora_B, tiny_bert, tiny_llama
 from lorakit.errors import LorakitError
 from lorakit.eval.evaluate import (EvalConfig, GenerationConfig, classification_metrics, evaluate_many, generate,
                                 generation_metrics, predict_classes, results_table)
@@ -19,12 +19,7 @@ from tiny_text import save_tiny_lm, tiny_tokenizer
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="METEOR 1.5 needs Java")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(autouse=True, name="one_thread")(single_threaded)
 
 
 def test_bleu_matches_sacrebleu_documented_example():

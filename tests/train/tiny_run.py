@@ -49,13 +49,9 @@ def lora_model(dropout: float = 0.2, **lora):
 
 
 # fixtures: import them into a test module to use them there
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: two threads on a shared machine spend more time synchronising than computing.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from conftest import single_threaded  # noqa: E402
+
+one_thread = pytest.fixture(autouse=True, name="one_thread")(single_threaded)
 
 
 @pytest.fixture(scope="module")
