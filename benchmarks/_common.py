@@ -46,11 +46,20 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------------- methods
-def prepare(model: torch.nn.Module, method: str, lora: LoraConfig | None = None) -> None:
+def prepare(model: torch.nn.Module, method: str, lora: LoraConfig | None = None, adapter_bottleneck: int = 8) -> None:
     """Set which parameters train. lora: add_lora; full: everything; bitfit: biases, plus the norm weights on models
-    without biases (Llama/SmolLM2 has none, so there BitFit means RMSNorm weights); base: nothing."""
+    without biases (Llama/SmolLM2 has none, so there BitFit means RMSNorm weights); adapter: Houlsby bottleneck layers
+    of width `adapter_bottleneck` after each block's attention and MLP output projections (Llama-style blocks), the
+    base frozen; base: nothing."""
     if method == "lora":
         add_lora(model, lora)
+        return
+    if method == "adapter":  # Houlsby bottlenecks (benchmarks/baselines.py); only they train
+        from baselines import add_adapter_layers
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        add_adapter_layers(model, bottleneck=adapter_bottleneck)
         return
     for name, p in model.named_parameters():
         if method == "full":
@@ -113,11 +122,19 @@ def e2e_batches(tokenizer, data_dir: str, examples: int, batch_size: int, seed: 
     rows = load_e2e("train", data_dir)
     rng = random.Random(seed)
     rows = rng.sample(rows, min(examples, len(rows)))
+    pairs = [(e2e_prompt(r["mr"]), r["references"][0]) for r in rows]
+    return pair_batches(tokenizer, pairs, batch_size, seed, max_length)
+
+
+def pair_batches(tokenizer, pairs: list[tuple[str, str]], batch_size: int, seed: int,
+                 max_length: int = 160) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches of (prompt, target) text pairs, reshuffled each epoch with `seed`; the target is " " + target +
+    the end token, and only its tokens carry labels (the prompt is masked)."""
     eos = tokenizer.eos_token
     encoded = []
-    for r in rows:
-        prompt = tokenizer(e2e_prompt(r["mr"]))["input_ids"]
-        target = tokenizer(" " + r["references"][0] + eos)["input_ids"]
+    for prompt_text, target_text in pairs:
+        prompt = tokenizer(prompt_text)["input_ids"]
+        target = tokenizer(" " + target_text + eos)["input_ids"]
         ids = (prompt + target)[:max_length]
         encoded.append((ids, ([-100] * len(prompt) + target)[:max_length]))
     pad = tokenizer.pad_token_id
@@ -140,6 +157,12 @@ def glue_batches(tokenizer, task: str, data_dir: str, examples: int, batch_size:
                  max_length: int = 128) -> Iterator[dict[str, torch.Tensor]]:
     rows = load_glue(task, "train", data_dir)
     rows = random.Random(seed).sample(rows, min(examples, len(rows)))
+    return labelled_batches(tokenizer, rows, batch_size, seed, max_length)
+
+
+def labelled_batches(tokenizer, rows: list[dict], batch_size: int, seed: int,
+                     max_length: int = 128) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches of GLUE rows ({"texts": (str, ...), "label"}), reshuffled each epoch with `seed`."""
     epoch = 0
     while True:
         order = list(range(len(rows)))
