@@ -6,7 +6,8 @@ names the model, the tasks, the methods with a learning-rate grid each, the budg
     .venv/bin/python benchmarks/sweep.py report benchmarks/experiments/glue.yaml             # results/<name>.{md,json}
 
 How a sweep runs:
-- Stage "grid": every method × every learning rate of its grid, at each of `select_seeds`.
+- Stage "grid": every method × every learning rate of its grid, at each of `select_seeds`. Runs go task by task and
+  method by method (the config's order): a method's grid, then its seed runs, then the next method.
 - The learning rate of a method is the one with the best mean *select* metric over those seeds (`select_metric`, by
   default the task's first metric: BLEU for data-to-text, accuracy / Pearson for GLUE). The select split is carved
   from training data (GLUE: rows of the train file kept out of training; E2E: dev MRs disjoint from the test MRs;
@@ -143,19 +144,18 @@ def choose_lr(cfg: dict[str, Any], rows: list[dict[str, Any]], task: str, method
 
 
 def plan(cfg: dict[str, Any], rows: list[dict[str, Any]]) -> list[RunSpec]:
-    """Every run known now, in order: the grids of all tasks and methods first, then the seed runs of each method
-    whose lr is chosen."""
-    out = [RunSpec(task, method, float(lr), seed, "grid")
-           for seed in cfg["select_seeds"] for task in cfg["tasks"] for method in cfg["methods"]
-           for lr in cfg["methods"][method]["lr"]]
-    for seed in cfg["seeds"]:
-        if seed in cfg["select_seeds"]:
-            continue
-        for task in cfg["tasks"]:
-            for method in cfg["methods"]:
-                lr, _ = choose_lr(cfg, rows, task, method)
-                if lr is not None:
-                    out.append(RunSpec(task, method, lr, seed, "seeds"))
+    """Every run known now, in order: per task and method (in the config's order), its lr grid, then, once the grid
+    is complete and its lr chosen, its seed runs. So a sweep cut short has whole methods (all seeds) rather than many
+    methods at one seed."""
+    out = []
+    for task in cfg["tasks"]:
+        for method in cfg["methods"]:
+            out += [RunSpec(task, method, float(lr), seed, "grid")
+                    for seed in cfg["select_seeds"] for lr in cfg["methods"][method]["lr"]]
+            lr, _ = choose_lr(cfg, rows, task, method)
+            if lr is not None:
+                out += [RunSpec(task, method, lr, seed, "seeds") for seed in cfg["seeds"]
+                        if seed not in cfg["select_seeds"]]
     return out
 
 

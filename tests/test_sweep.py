@@ -65,6 +65,10 @@ def test_a_killed_sweep_continues_where_it_stopped_and_runs_everything_once(tmp_
     rows = sweep.current_rows(cfg, sweep.read_rows(rows_file))
     assert len(calls) == len(set(calls)) == 8 and set(calls) == {r["run_id"] for r in rows} == _expected_ids(cfg)
     assert sweep.sweep(cfg, rows_file, claims, _fake(calls), say=lambda m: None) == 0  # nothing left
+    # method by method: lora's grid, lora's seeds at its chosen lr, then full
+    assert calls == ["sst2/lora/lr=0.001/seed=0", "sst2/lora/lr=0.01/seed=0", "sst2/lora/lr=0.1/seed=0",
+                     "sst2/lora/lr=0.01/seed=1", "sst2/lora/lr=0.01/seed=2", "sst2/full/lr=0.001/seed=0",
+                     "sst2/full/lr=0.001/seed=1", "sst2/full/lr=0.001/seed=2"]
 
 
 def test_a_run_claimed_by_a_live_worker_is_left_to_it(tmp_path):
@@ -109,7 +113,7 @@ def test_a_partial_grid_chooses_nothing_and_the_report_says_what_is_missing(tmp_
     sweep.sweep(cfg, rows_file, tmp_path / "c", _fake([]), max_runs=2, say=lambda m: None)
     agg = sweep.aggregate(cfg, sweep.read_rows(rows_file))
     assert agg["results"]["sst2 lora"]["chosen_lr"] is None and "test" not in agg["results"]["sst2 lora"]
-    assert agg["missing_runs"] == ["sst2/lora/lr=0.1/seed=0", "sst2/full/lr=0.001/seed=0"]
+    assert agg["missing_runs"] == ["sst2/lora/lr=0.1/seed=0", "sst2/full/lr=0.001/seed=0"]  # seeds wait
     assert "grid not complete" in sweep.report_markdown(cfg, agg, "t.yaml")
 
 
