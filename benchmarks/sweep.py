@@ -24,7 +24,7 @@ creating benchmarks/runs/<name>/claims/<run> (holding the worker's pid) exclusiv
 gone is taken over. Adapters (LoRA) and every generated output go to benchmarks/runs/<name>/<run>/ (git-ignored).
 
 Config keys: name, model, kind (glue | nlg), tasks, methods ({method: {lr: [...], lora: {...LoraConfig fields},
-bottleneck: n}}), budget (steps or epochs, batch_size, max_length, warmup), split (data_seed, select, test, unseen,
+bottleneck: n, type: lora | full | bitfit | adapter (default: the method's name)}}), budget (steps or epochs, batch_size, max_length, warmup), split (data_seed, select, test, unseen,
 train_examples), eval (max_new_tokens, decoding, num_beams, batch_size, metrics), seeds, select_seeds, select_metric.
 """
 
@@ -69,8 +69,9 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if cfg.get("kind") not in ("glue", "nlg"):
         problems.append(f"kind must be glue or nlg, got {cfg.get('kind')!r}")
     for method, spec in (cfg.get("methods") or {}).items():
-        if method not in METHODS:
-            problems.append(f"method {method!r} unknown (allowed: {list(METHODS)})")
+        if method_type(method, spec) not in METHODS:
+            problems.append(f"method {method!r}: type {method_type(method, spec)!r} unknown (allowed: {list(METHODS)}; "
+                            "a method named otherwise gives its type, e.g. lora_r1: {type: lora, ...})")
         if not isinstance(spec, dict) or not spec.get("lr"):
             problems.append(f"method {method!r} needs an lr grid (lr: [...])")
     budget = cfg.get("budget") or {}
@@ -83,6 +84,11 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if not set(cfg["select_seeds"]) <= set(cfg["seeds"]):
         raise SystemExit(f"{path}: select_seeds {cfg['select_seeds']} must be among seeds {cfg['seeds']}")
     return cfg
+
+
+def method_type(name: str, spec: Any) -> str:
+    """What a method entry trains: its `type`, or its name (lora, full, bitfit, adapter) when it has none."""
+    return spec.get("type", name) if isinstance(spec, dict) else name
 
 
 def select_metric(cfg: dict[str, Any], task: str) -> str:
@@ -294,7 +300,8 @@ def execute(cfg: dict[str, Any], spec: RunSpec, data_dir: str, runs_dir: Path, b
     budget, method_cfg = cfg["budget"], cfg["methods"][spec.method]
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
-    lora = LoraConfig(**method_cfg["lora"]) if spec.method == "lora" else None
+    kind = method_type(spec.method, method_cfg)
+    lora = LoraConfig(**method_cfg["lora"]) if kind == "lora" else None
     out_dir = runs_dir / cfg["name"] / spec.run_id.replace("/", "__")
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg["kind"] == "glue":
@@ -308,7 +315,7 @@ def execute(cfg: dict[str, Any], spec: RunSpec, data_dir: str, runs_dir: Path, b
 
         data = data2text.load_task(spec.task, data_dir, cfg["split"])
         model, tokenizer = load_model(cfg["model"])
-    C.prepare(model, spec.method, lora, adapter_bottleneck=int(method_cfg.get("bottleneck", 8)))
+    C.prepare(model, kind, lora, adapter_bottleneck=int(method_cfg.get("bottleneck", 8)))
     trainable, total = C.trainable_count(model)
     steps = _steps(budget, len(data["train"]))
     max_length = int(budget.get("max_length", 128 if cfg["kind"] == "glue" else 160))
@@ -321,7 +328,7 @@ def execute(cfg: dict[str, Any], spec: RunSpec, data_dir: str, runs_dir: Path, b
                            "epochs": round(steps * int(budget["batch_size"]) / len(data["train"]), 3)}
     row.update(C.train(model, batches, steps, spec.lr, bf16, warmup=int(budget.get("warmup", 10)),
                        tag=f"{cfg['name']}/{spec.run_id}"))
-    if spec.method == "lora":
+    if kind == "lora":
         save_adapter(model, out_dir / "adapter")
     t0 = time.time()
     evaluate = _evaluate_glue if cfg["kind"] == "glue" else _evaluate_nlg

@@ -130,6 +130,11 @@ def test_unknown_config_keys_and_missing_grids_are_errors(tmp_path):
                     "split: {}\nseeds: [0]\nsteps: 3\n")
     with pytest.raises(SystemExit, match=r"unknown keys \['steps'\].*lora.*lr grid"):
         sweep.load_config(path)
+    path.write_text(path.read_text().replace("steps: 3\n", "").replace("lora: {}", "lora_r1: {lr: [1], type: lorax}"))
+    with pytest.raises(SystemExit, match="'lora_r1': type 'lorax' unknown"):
+        sweep.load_config(path)
+    path.write_text(path.read_text().replace("lorax", "lora"))
+    assert sweep.method_type("lora_r1", sweep.load_config(path)["methods"]["lora_r1"]) == "lora"
 
 
 def test_entries_are_cut_into_disjoint_parts_with_unseen_categories_all_in_test():
