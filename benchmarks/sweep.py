@@ -432,42 +432,45 @@ def _pm(stat: tuple[float, float, int] | None, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f} (1 seed)"
 
 
+def _table(header: list[str], rows: list[list[str]], right: int) -> list[str]:
+    """A markdown table whose last `right` columns are right-aligned."""
+    align = ["---"] * (len(header) - right) + ["---:"] * right
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def report_markdown(cfg: dict[str, Any], agg: dict[str, Any], config_path: str) -> str:
-    metrics = (["bleu", "meteor", "ter"] if cfg["kind"] == "nlg" else
-               ["accuracy", "f1", "matthews", "pearson", "spearman"])
+    metrics = (list(NLG_METRICS) if cfg["kind"] == "nlg" else ["accuracy", "f1", "matthews", "pearson", "spearman"])
     present = [m for m in metrics if any(m in e.get("test", {}) for e in agg["results"].values())]
     lines = [f"# Sweep {cfg['name']}: {cfg['model']}, {', '.join(cfg['tasks'])}", "",
              f"Config: `{config_path}`. Budget: {json.dumps(cfg['budget'])}; split: {json.dumps(cfg['split'])}; "
              f"eval: {json.dumps(cfg.get('eval', {}))}. Seeds {cfg['seeds']}; the lr grid ran at seeds "
              f"{cfg['select_seeds']} and the lr with the best mean select-split metric was kept (never the test "
              "split). Test metrics: mean ± sample std (n−1) over the seeds at the chosen lr"
-             + (" (TER: lower is better)." if cfg["kind"] == "nlg" else "."),
-             "", "| task | method | trainable params (%) | chosen lr (select metric) | seeds | "
-             + " | ".join(f"test {m}" for m in present) + " | train s / run | wall s / run |",
-             "|---|---|---:|---|---|" + "---:|" * len(present) + "---:|---:|"]
+             + (" (TER: lower is better)." if cfg["kind"] == "nlg" else "."), ""]
+    body = []
     for entry in agg["results"].values():
         lr = entry["chosen_lr"]
         chosen = (f"{lr:g} ({entry['select_metric']} {entry['grid'][f'{lr:g}']:.2f})" if lr is not None
                   else "grid not complete")
         params = (f"{entry['trainable_params']:,} ({entry['trainable_pct']:.2f}%)" if "trainable_params" in entry
                   else "–")
-        lines.append(f"| {entry['task']} | {entry['method']} | {params} | {chosen} | "
-                     f"{','.join(map(str, entry.get('seeds', []))) or '–'} | "
-                     + " | ".join(_pm(entry.get("test", {}).get(m)) for m in present)
-                     + f" | {_pm(entry.get('train_seconds'), 0)} | {_pm(entry.get('wall_seconds'), 0)} |")
+        body.append([entry["task"], entry["method"], params, chosen,
+                     ",".join(map(str, entry.get("seeds", []))) or "–"]
+                    + [_pm(entry.get("test", {}).get(m)) for m in present]
+                    + [_pm(entry.get("train_seconds"), 0), _pm(entry.get("wall_seconds"), 0)])
+    lines += _table(["task", "method", "trainable params (%)", "chosen lr (select metric)", "seeds"]
+                    + [f"test {m}" for m in present] + ["train s / run", "wall s / run"], body, len(present) + 2)
     grouped = [e for e in agg["results"].values() if e.get("test_groups")]
     if grouped:
-        lines += ["", "Test split by group (WebNLG: categories seen in training vs held out):", "",
-                  "| task | method | group | " + " | ".join(present) + " |", "|---|---|---|" + "---:|" * len(present)]
-        for e in grouped:
-            for g, stats in e["test_groups"].items():
-                lines.append(f"| {e['task']} | {e['method']} | {g} | " + " | ".join(_pm(stats.get(m)) for m in present)
-                             + " |")
-    lines += ["", "The lr grid (mean select-split metric over the grid seeds):", "",
-              "| task | method | " + " | ".join(["lr → select metric"]) + " |", "|---|---|---|"]
-    for e in agg["results"].values():
-        grid = ", ".join(f"{lr}: {v:.2f}" if math.isfinite(v) else f"{lr}: n/a" for lr, v in e["grid"].items())
-        lines.append(f"| {e['task']} | {e['method']} | {grid or 'not run'} |")
+        lines += ["", "Test split by group (WebNLG: categories seen in training vs held out):", ""]
+        lines += _table(["task", "method", "group"] + present,
+                        [[e["task"], e["method"], g] + [_pm(stats.get(m)) for m in present]
+                         for e in grouped for g, stats in e["test_groups"].items()], len(present))
+    lines += ["", "The lr grid (mean select-split metric over the grid seeds):", ""]
+    lines += _table(["task", "method", "lr: select metric"],
+                    [[e["task"], e["method"], ", ".join(f"{lr}: {v:.2f}" if math.isfinite(v) else f"{lr}: n/a"
+                                                        for lr, v in e["grid"].items()) or "not run"]
+                     for e in agg["results"].values()], 0)
     if agg["missing_runs"] or agg["not_yet_planned"]:
         lines += ["", f"Not measured yet ({len(agg['missing_runs'])} planned runs missing): "
                   + ", ".join(agg["missing_runs"][:40]) + (" …" if len(agg["missing_runs"]) > 40 else "")
