@@ -44,6 +44,7 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer, config: ServeConfig):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.context = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # the base's, for the banner
         self.lock = threading.Lock()
         self.metrics = Metrics()
         self.adapters = AdapterCache(model, config, self.lock, self.metrics)
@@ -55,7 +56,7 @@ class Engine:
         if config.scheduler == "continuous":
             from lorakit.serve.runner import SlotRunner
 
-            self.runner = SlotRunner(model, config.max_batch_size)
+            self.runner = SlotRunner(model, config.max_batch_size, pack=config.pack_weights)
             row_tokens = self.context
             if config.kv_cache_mb is not None:
                 row_tokens = min(row_tokens, int(config.kv_cache_mb * 1e6 / self.runner.bytes_per_token)
@@ -71,6 +72,8 @@ class Engine:
         self.metrics.gauge("lorakit_kv_cache_bytes", "Bytes allocated for the KV cache (continuous scheduler).",
                            lambda: self.runner.bytes_per_token * self.runner.capacity * self.runner.slots
                            if self.runner else 0)
+        self.metrics.gauge("lorakit_packed_weight_bytes", "Bytes of the oneDNN-packed base weight copies "
+                           "(continuous scheduler on a CPU).", lambda: self.runner.packed_bytes if self.runner else 0)
         self.metrics.gauge("lorakit_adapters_resident", "Adapters loaded on the base.", lambda: len(self.loaded()))
         self._static_rows = 0
         target = self._run_continuous if self.scheduler else self._run_static
@@ -170,6 +173,7 @@ class Engine:
                 return
             self.runner.ensure_capacity(max(s.reserved for s in live), self.scheduler.max_row_tokens)
             self.runner.refresh_adapters(self.adapters.version)
+            self.runner.refresh_weights()
             decode = [s for s in step.decode if s.slot is not None]
             if decode:
                 logits.append(self.runner.decode([s.slot for s in decode], [s.output[-1] for s in decode],

@@ -12,6 +12,12 @@ LoRA runs batched across adapters (as Punica's BGMV/SGMV kernels do on GPUs): ea
 all its resident plain-LoRA adapters side by side (`_LoraTable`), so a step computes every row's delta with two
 matmuls and a per-row mask, whatever the number of adapters in the batch. Layers where a row uses a DoRA adapter,
 or whose base was split by PiSSA/OLoRA, fall back to the layer's own per-adapter routing (`adapters_per_row`).
+
+On a CPU the frozen base linears run from oneDNN-packed copies of their weights (`lorakit.serve.kernels`): q|k|v
+and gate|up each as one packed weight, o, down and the lm_head alone. They are packed when the runner first runs
+and again when a base weight changes (an adapter merged into it, a PiSSA/OLoRA residual, a reload). A layer whose
+base cannot be shared this step (a DoRA row, which reads W; a PiSSA/OLoRA layer) runs its own forward instead.
+`pack=False`, a GPU, or a dtype oneDNN does not pack keeps every base linear on plain `F.linear`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from lorakit.errors import LorakitError
 from lorakit.lora.injection import adapters_per_row, lora_layers
 from lorakit.lora.layers import LoraLinear
 from lorakit.lora.variants import LoraVariant
+from lorakit.serve.kernels import PackedLinear, pack
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -54,18 +61,20 @@ class _LoraTable:
         self.A = torch.cat([layer.lora_A[n].weight for n in names]).detach() if names else None  # (Σr, in)
         self.B = torch.cat([layer.lora_B[n].weight for n in names], 1).detach() if names else None  # (out, Σr)
         self.mask = torch.zeros(len(order) + 1, sum(layer.r[n] for n in names), dtype=weight.dtype)
+        self.parts: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}  # adapter -> its own A, B, scaling
         at = 0
         for n in names:
             self.mask[order[n], at:at + layer.r[n]] = layer.scaling[n]
+            self.parts[n] = (layer.lora_A[n].weight.detach(), layer.lora_B[n].weight.detach(), layer.scaling[n])
             at += layer.r[n]
 
 
 class SlotRunner:
     """KV cache of `slots` rows × `capacity` positions per layer, grown (never shrunk) when a longer row arrives."""
 
-    def __init__(self, model: nn.Module, slots: int):
+    def __init__(self, model: nn.Module, slots: int, pack: bool = True):
         check_supported(model)
-        self.model, self.slots = model, slots
+        self.model, self.slots, self.pack = model, slots, pack
         self.inner = model.model
         cfg = model.config
         attn = self.inner.layers[0].self_attn
@@ -84,6 +93,48 @@ class SlotRunner:
         self.tables_version = None
         self.step_rows: torch.Tensor | None = None  # (B,) adapter index per row of the running forward
         self.step_names: set[str] = set()
+        self.step_single: str | None = None  # the adapter of every row, when the step has one and no base rows
+        self.own_routing: set[str] = set()  # adapters some layer runs through its own forward (DoRA, embeddings...)
+        self.untabled = True  # a LoRA layer outside the tables holds adapters (or no tables yet): route every step
+        self.norms = {m: _fast_norm(m) for layer in self.inner.layers
+                      for m in (layer.input_layernorm, layer.post_attention_layernorm)}
+        self.norms[self.inner.norm] = _fast_norm(self.inner.norm)
+        self.packed: list[dict[str, PackedLinear | None]] = []  # per decoder layer: qkv, o, gate_up, down
+        self.packed_head: PackedLinear | None = None
+        self.packed_signature = None
+
+    def _base_signature(self) -> tuple:
+        """What the packed copies were made from: each base weight's storage and version, merged adapters and
+        PiSSA/OLoRA residuals (a merge writes through .data, which no version counter sees)."""
+        out = []
+        for layer in self.inner.layers:
+            for m in (*_attention(layer), *_mlp(layer)):
+                base = m.base_layer if isinstance(m, LoraLinear) else m
+                w = base.weight
+                out.append((w.data_ptr(), w._version, tuple(getattr(m, "merged_adapters", ())),
+                            bool(getattr(m, "init_factors", None))))
+        return tuple(out)
+
+    def refresh_weights(self) -> None:
+        """(Re)pack the base linears when packing is on and the base weights changed since they were packed."""
+        if not self.pack:
+            return
+        signature = self._base_signature()
+        if signature == self.packed_signature:
+            return
+        base = lambda m: m.base_layer if isinstance(m, LoraLinear) else m  # noqa: E731
+        self.packed = [{"qkv": pack([base(m) for m in _attention(layer)[:3]]),
+                        "o": pack([base(layer.self_attn.o_proj)]),
+                        "gate_up": pack([base(m) for m in _mlp(layer)[:2]]),
+                        "down": pack([base(layer.mlp.down_proj)])} for layer in self.inner.layers]
+        self.packed_head = pack([self.model.lm_head])
+        self.packed_signature = signature
+
+    @property
+    def packed_bytes(self) -> int:
+        """Memory held by the packed copies of the base weights."""
+        parts = [p for group in self.packed for p in group.values()] + [self.packed_head]
+        return sum(p.nbytes for p in parts if p is not None)
 
     def refresh_adapters(self, version) -> None:
         """Rebuild the side-by-side LoRA tables when the resident adapters changed (`version` says so)."""
@@ -94,16 +145,64 @@ class SlotRunner:
         self.order = {n: i + 1 for i, n in enumerate(names)}
         self.tables = {l: _LoraTable(l, self.order) for l in layers
                        if not l.init_factors and not l.fan_in_fan_out and l.adapters}
+        self.own_routing = {n for t in self.tables.values() for n in t.special}
+        self.untabled = any(l.adapters for _, l in lora_layers(self.model) if l not in self.tables)
         self.tables_version = version
 
     def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """module(x), with the LoRA deltas of all rows from the table when the layer has one for this step."""
         table = self.tables.get(module)
-        if table is None or table.A is None or self.step_names & table.special:
+        if table is None or self.step_names & table.special:
             return module(x)  # a plain linear, or the layer's own per-adapter routing
-        y = module.base_layer(x)  # (B, T, out)
+        return self._delta(table, x, module.base_layer(x))
+
+    def _delta(self, table: _LoraTable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y plus every row's LoRA delta from the layer's table: when every row is on one adapter, from that
+        adapter's own A and B (a 16th of the bytes with 16 resident); else all adapters' at once, masked per row."""
+        if table.A is None:
+            return y
+        if self.step_single is not None:
+            part = table.parts.get(self.step_single)
+            if part is None:  # the adapter does not touch this layer
+                return y
+            A, B, scaling = part
+            return y + F.linear(F.linear(x.to(A.dtype), A) * scaling, B).to(y.dtype)
         h = F.linear(x.to(table.A.dtype), table.A) * table.mask[self.step_rows][:, None, :]  # (B, T, Σr)
         return y + F.linear(h, table.B).to(y.dtype)
+
+    def _shares_base(self, module: nn.Module) -> bool:
+        """This step, module's output is its base weight's output plus (at most) the LoRA deltas of its table."""
+        if not isinstance(module, LoraLinear):
+            return True
+        if module.init_factors:  # PiSSA/OLoRA: rows off the adapter need the original base back
+            return False
+        table = self.tables.get(module)
+        return table is None or not self.step_names & table.special
+
+    def _group(self, modules: tuple[nn.Module, ...], packed: PackedLinear | None, x: torch.Tensor
+               ) -> list[torch.Tensor]:
+        """The outputs of linears that read the same x: from one packed weight when every one of them can share
+        its base this step, else each through _linear."""
+        if packed is None or not all(self._shares_base(m) for m in modules):
+            return [self._linear(m, x) for m in modules]
+        out = []
+        for m, y in zip(modules, packed(x).split(packed.sizes, -1)):
+            table = self.tables.get(m)
+            out.append(y if table is None else self._delta(table, x, y))
+        return out
+
+    def _norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """An RMSNorm as one fused op where the module is a known RMSNorm (same math as its forward)."""
+        eps = self.norms.get(module)
+        if eps is None:
+            return module(x)
+        if x.dtype == torch.float32 and module.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), module.weight, eps)
+        return module.weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        h = self._norm(self.inner.norm, h)
+        return self.packed_head(h) if self.packed_head is not None else self.model.lm_head(h)
 
     @property
     def bytes_per_token(self) -> int:
@@ -138,10 +237,15 @@ class SlotRunner:
                                "after loading adapters.")
         self.step_rows = torch.tensor([self.order[a] if a is not None else 0 for a in adapters])
         self.step_names = {a for a in adapters if a is not None}
+        self.step_single = adapters[0] if len(set(adapters)) == 1 and adapters[0] is not None else None
+        # the layers' own per-row routing is needed only where a row's adapter is not in the tables
+        routed = adapters_per_row(self.model, adapters) if self.untabled or self.step_names & self.own_routing \
+            else contextlib.nullcontext()
         try:
-            yield
+            with routed:
+                yield
         finally:
-            self.step_rows, self.step_names = None, set()
+            self.step_rows, self.step_names, self.step_single = None, set(), None
 
     @torch.no_grad()
     def prefill(self, slot: int, ids: list[int], start: int, adapter: str | None, want_logits: bool
@@ -153,11 +257,11 @@ class SlotRunner:
         keys = torch.arange(start + n, device=self.device)
         mask = keys[None, :] <= positions[0, :, None]  # (n, start + n): causal over the row's cache
         mask = mask.repeat(self.groups, 1)[None, None]  # (1, 1, groups·n, start + n), query heads folded in
-        with adapters_per_row(self.model, [adapter]), self._rows([adapter]):
+        with self._rows([adapter]):
             h = self._layers(x, positions, [slot], start, start + n, mask)  # (1, n, hidden)
             if not want_logits:
                 return None
-            return self.model.lm_head(self.inner.norm(h[:, -1:]))[0, -1].float()
+            return self._head(h[:, -1:])[0, -1].float()
 
     @torch.no_grad()
     def decode(self, slots: list[int], tokens: list[int], lengths: list[int], adapters: list[str | None]
@@ -167,30 +271,36 @@ class SlotRunner:
         positions = torch.tensor(lengths, device=self.device)[:, None]  # (B, 1)
         width = max(lengths) + 1
         mask = torch.arange(width, device=self.device)[None, :] <= positions  # (B, width)
-        with adapters_per_row(self.model, adapters), self._rows(adapters):
+        with self._rows(adapters):
             h = self._layers(x, positions, slots, None, width, mask[:, None, None, :])  # (B, 1, hidden)
-            return self.model.lm_head(self.inner.norm(h))[:, -1].float()
+            return self._head(h)[:, -1].float()
 
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, slots: list[int], start: int | None, width: int,
                 mask: torch.Tensor) -> torch.Tensor:
         """Embeddings through every decoder layer, writing K/V at `positions` of `slots` and attending over the
         first `width` cached positions. start=None: one token per row (decode); else one row from `start`."""
         h = self.inner.embed_tokens(x)  # (B, T, hidden)
-        cos, sin = self.inner.rotary_emb(h, positions)
+        cos, sin = self.inner.rotary_emb(h, positions)  # (B, T, d)
+        half = self.head_dim // 2
+        cos, sin = cos[:, None], torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, None]  # (B, 1, T, d)
+
+        def rope(t: torch.Tensor) -> torch.Tensor:  # t·cos + rotate_half(t)·sin, rotate_half's sign moved into sin
+            return t * cos + t.unflatten(-1, (2, half)).flip(-2).flatten(-2) * sin
+
         batch, length = x.shape
         index = torch.tensor(slots, device=self.device)
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         rows = slice(slots[0], slots[0] + len(slots)) if contiguous else index  # a view when the slots are a block
         pos = positions[:, 0]
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        for layer, kc, vc in zip(self.inner.layers, self.keys, self.values):
+        packed = self.packed or [{} for _ in self.inner.layers]
+        for layer, kc, vc, p in zip(self.inner.layers, self.keys, self.values, packed):
             attn = layer.self_attn
-            y = layer.input_layernorm(h)
-            q = self._linear(attn.q_proj, y).view(batch, length, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
-            k = self._linear(attn.k_proj, y).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, d)
-            v = self._linear(attn.v_proj, y).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            y = self._norm(layer.input_layernorm, h)
+            q, k, v = self._group(_attention(layer)[:3], p.get("qkv"), y)
+            q = q.view(batch, length, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+            k = k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, d)
+            v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = rope(q), rope(k)
             if start is None:  # decode: row i writes its one token at its own length
                 kc[index, :, pos] = k[:, :, 0]
                 vc[index, :, pos] = v[:, :, 0]
@@ -201,8 +311,26 @@ class SlotRunner:
             q = q.reshape(batch, self.kv_heads, self.groups * length, self.head_dim)  # query heads of a KV head
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
             out = out.view(batch, self.heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
-            h = h + self._linear(attn.o_proj, out)
-            mlp, y = layer.mlp, layer.post_attention_layernorm(h)
-            gated = mlp.act_fn(self._linear(mlp.gate_proj, y)) * self._linear(mlp.up_proj, y)
-            h = h + self._linear(mlp.down_proj, gated)
+            h = h + self._group((attn.o_proj,), p.get("o"), out)[0]
+            mlp, y = layer.mlp, self._norm(layer.post_attention_layernorm, h)
+            gate, up = self._group(_mlp(layer)[:2], p.get("gate_up"), y)
+            h = h + self._group((mlp.down_proj,), p.get("down"), mlp.act_fn(gate) * up)[0]
         return h
+
+
+def _fast_norm(module: nn.Module) -> float | None:
+    """The epsilon of a Llama/Mistral/Qwen2 RMSNorm (weight · x / sqrt(mean(x²) + eps), computed in fp32), else None."""
+    if type(module).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm") and isinstance(
+            getattr(module, "variance_epsilon", None), float):
+        return module.variance_epsilon
+    return None
+
+
+def _attention(layer: nn.Module) -> tuple[nn.Module, ...]:
+    a = layer.self_attn
+    return a.q_proj, a.k_proj, a.v_proj, a.o_proj
+
+
+def _mlp(layer: nn.Module) -> tuple[nn.Module, ...]:
+    m = layer.mlp
+    return m.gate_proj, m.up_proj, m.down_proj

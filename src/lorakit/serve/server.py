@@ -20,7 +20,12 @@ def build_engine(config: ServeConfig) -> Engine:
     """Load the base (frozen, inference mode) and the start-up adapters, and start the engine thread."""
     from lorakit.models.loading import load_model
 
-    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    dtype = config.dtype
+    if dtype == "auto":
+        from lorakit.hardware import auto_base_dtype
+
+        dtype = {"bf16": "bfloat16", "fp32": "float32"}[auto_base_dtype()[0]]
+    model, tokenizer = load_model(config.model, dtype=dtype)
     model.train(False)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -40,7 +45,7 @@ def serve(config: ServeConfig) -> None:
     import uvicorn
 
     engine = build_engine(config)
-    print(f"lorakit: serving base {engine.base_name!r} with adapters {engine.loaded()} on "
+    print(f"lorakit: serving base {engine.base_name!r} ({engine.dtype}) with adapters {engine.loaded()} on "
           f"http://{config.host}:{config.port}/v1 ({config.scheduler} scheduler)", flush=True)
     try:
         uvicorn.run(create_app(engine), host=config.host, port=config.port, log_level="info")

@@ -1,0 +1,126 @@
+"""The continuous runner's packed base weights (`lorakit.serve.kernels`): the packed linear computes what F.linear
+computes, every row of a mixed batch (plain LoRA, DoRA, the base) decodes greedily as it does alone, a changed base
+weight is repacked, and where packing is unavailable the runner runs plain F.linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lorakit as lk
+from conftest import randomize_lora_B, tiny_llama
+from lorakit.serve import kernels
+from lorakit.serve.runner import SlotRunner
+
+needs_packing = pytest.mark.skipif(not kernels.packing_works(torch.float32),
+                                   reason="oneDNN packed linear unavailable in this torch build/CPU")
+PROMPTS = [[5, 17, 33, 2, 81, 40, 7], [60, 61, 3], [12, 90, 44, 44, 8, 19, 70, 71, 72, 1, 2], [9, 9, 30, 31]]
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_packed_linear_equals_f_linear(dtype, tol):
+    if not kernels.packing_works(dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} here")
+    torch.manual_seed(0)
+    layers = [nn.Linear(96, n, bias=bias).to(dtype) for n, bias in ((64, False), (32, True), (48, False))]
+    packed = kernels.pack(layers)
+    assert packed is not None and packed.sizes == [64, 32, 48]
+    for shape in ((1, 96), (5, 96), (2, 3, 96), (1, 300, 96)):
+        x = torch.randn(shape).to(dtype)
+        want = torch.cat([F.linear(x, l.weight, l.bias) for l in layers], -1)
+        got = packed(x)
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_pack_refuses_what_it_cannot_pack():
+    assert kernels.pack([nn.Linear(8, 8).double()]) is None  # a dtype oneDNN does not pack
+    assert kernels.pack([nn.Linear(8, 8), nn.Linear(16, 8)]) is None  # different inputs
+    assert kernels.pack([]) is None
+
+
+def model_with_adapters():
+    model = tiny_llama(seed=3)
+    lk.add_lora(model, lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), adapter="lora")
+    lk.add_lora(model, lk.LoraConfig(r=4, alpha=8, use_dora=True, target_modules=["q_proj", "k_proj", "o_proj"]),
+                adapter="dora")
+    lk.add_lora(model, lk.LoraConfig(r=2, alpha=8, target_modules=["gate_proj", "down_proj", "v_proj"]),
+                adapter="mlp")
+    for seed, name in enumerate(("lora", "dora", "mlp"), 1):
+        randomize_lora_B(model, name, std=0.5, seed=seed)
+    return model
+
+
+def greedy(runner: SlotRunner, rows: list[tuple[list[int], str | None]], steps: int) -> list[list[int]]:
+    """Prefill each row alone into its slot, then decode all rows together `steps` tokens, greedily."""
+    runner.ensure_capacity(max(len(p) for p, _ in rows) + steps + 1)
+    runner.refresh_adapters(0)
+    runner.refresh_weights()
+    out = [[int(runner.prefill(i, p, 0, a, True).argmax())] for i, (p, a) in enumerate(rows)]
+    for _ in range(steps - 1):
+        logits = runner.decode(list(range(len(rows))), [o[-1] for o in out],
+                               [len(p) + len(o) - 1 for (p, _), o in zip(rows, out)], [a for _, a in rows])
+        for o, token in zip(out, logits.argmax(-1).tolist()):
+            o.append(token)
+    return out
+
+
+@needs_packing
+def test_every_row_of_a_mixed_batch_decodes_as_alone_with_packed_weights():
+    model = model_with_adapters()
+    rows = list(zip(PROMPTS, ["lora", "dora", None, "mlp"]))
+    runner = SlotRunner(model, len(rows), pack=True)
+    together = greedy(runner, rows, 12)
+    assert runner.packed_bytes > 0 and runner.packed_head is not None
+    alone = [greedy(SlotRunner(model, 1, pack=True), [row], 12)[0] for row in rows]
+    assert together == alone
+    plain = [greedy(SlotRunner(model, 1, pack=False), [row], 12)[0] for row in rows]
+    assert plain == alone  # the packed weights compute what F.linear computes
+    # a batch without the DoRA row takes the packed path in every layer and still agrees
+    no_dora = [r for r in rows if r[1] != "dora"]
+    assert greedy(SlotRunner(model, 3, pack=True), no_dora, 12) == [a for a, r in zip(alone, rows) if r[1] != "dora"]
+    assert len({tuple(a) for a in alone}) == len(rows)  # the adapters really differ, so the equality can fail
+
+
+@needs_packing
+def test_a_changed_base_weight_is_repacked_and_a_pissa_layer_keeps_its_own_forward():
+    model = model_with_adapters()
+    runner, plain = SlotRunner(model, 1, pack=True), SlotRunner(model, 1, pack=False)
+    def logits(r: SlotRunner) -> torch.Tensor:
+        r.ensure_capacity(16)
+        r.refresh_weights()
+        return r.prefill(0, PROMPTS[0], 0, None, True)
+
+    before = logits(runner)
+    first = runner.packed[0]["qkv"]
+    runner.refresh_weights()
+    assert runner.packed[0]["qkv"] is first  # unchanged weights are not packed again
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.base_layer.weight.mul_(-3.0)
+    changed = logits(runner)
+    assert runner.packed[1]["qkv"] is not first
+    torch.testing.assert_close(changed, logits(plain), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(changed, before, rtol=1e-3, atol=1e-3)
+    # PiSSA moves the top of W into B A: its layers' bases differ from the original, so they run their own forward
+    # (served alone: its residual base cannot be shared with other adapters)
+    model = tiny_llama(seed=4)
+    lk.add_lora(model, lk.LoraConfig(r=4, alpha=8, init="pissa", target_modules=["q_proj", "up_proj"]),
+                adapter="pissa")
+    rows = [(PROMPTS[1], "pissa"), (PROMPTS[2], None)]
+    runner = SlotRunner(model, 2, pack=True)
+    assert greedy(runner, rows, 8) == greedy(SlotRunner(model, 2, pack=False), rows, 8)
+    assert runner.packed[0]["qkv"] is not None  # packed, but not used where the layer's base is a residual
+
+
+def test_without_packing_the_runner_runs_plain_f_linear(monkeypatch):
+    model = model_with_adapters()
+    rows = list(zip(PROMPTS, ["lora", "dora", None, "mlp"]))
+    want = greedy(SlotRunner(model, len(rows), pack=False), rows, 8)
+    monkeypatch.setattr(kernels, "packing_works", lambda dtype: False)  # e.g. no oneDNN in this build, or a GPU
+    runner = SlotRunner(model, len(rows), pack=True)
+    assert greedy(runner, rows, 8) == want
+    assert runner.packed_head is None and runner.packed_bytes == 0
+    assert all(p is None for group in runner.packed for p in group.values())
