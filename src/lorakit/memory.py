@@ -1,4 +1,4 @@
-"""Process memory on CPU: transparent huge pages for PyTorch's large tensors, and glibc's mmap threshold.
+"""Process memory on CPU: huge pages for PyTorch's large tensors, glibc's mmap threshold, trimming its heaps.
 
 Huge pages (on by default from `import lorakit`): PyTorch's CPU allocator aligns tensors of 2 MB and more to 2 MB and
 asks the kernel for transparent huge pages for them when the environment variable THP_MEM_ALLOC_ENABLE=1 is set before
@@ -49,13 +49,31 @@ def set_mmap_threshold(nbytes: int) -> bool:
     """
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 0 < nbytes <= MAX_MMAP_THRESHOLD:
         raise ValueError(f"mmap threshold must be an integer number of bytes in 1..{MAX_MMAP_THRESHOLD}, got {nbytes!r}")
+    libc = _glibc()
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes)) if libc is not None else False
+
+
+def trim_heap() -> bool:
+    """Hand the free memory glibc keeps in its heaps back to the OS (malloc_trim(0): every arena, free pages inside
+    the heap included, not only its top). Returns True when memory was released; False where nothing was, or the C
+    library is not glibc (nothing changes then).
+
+    A training step frees its activations at the end of backward, but glibc keeps the freed blocks for reuse, and
+    batches of other shapes fit them badly: over an epoch the heap grows past the largest step's live set (see the
+    module docstring). Trimming after each step returns those pages, so each step's peak is its own live memory.
+    """
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+def _glibc():
+    """The C library when it is glibc (malloc_trim, mallopt), else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
+        return None
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        return ctypes.CDLL("libc.so.6")
     except OSError:
-        return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
+        return None
 
 
 def peak_rss_mb() -> float:

@@ -70,7 +70,7 @@ def resolve_model_path(name_or_path: str) -> str:
 
 class _DropTorchaoImportNoise(logging.Filter):
     """Drops exactly the records that importing the PyPI torchao wheel logs on a CPU-only torch (see
-    `_import_model_code`)."""
+    `import_model_code`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "torchao":  # "Failed to load .../torchao/_C_*.so: ..." for each of its CUDA kernel libraries
@@ -81,7 +81,7 @@ class _DropTorchaoImportNoise(logging.Filter):
         return not (getattr(cls, "__module__", "").startswith("torchao.") and "Enum subclass" in str(record.msg))
 
 
-def _import_model_code() -> None:
+def import_model_code() -> None:
     """Import transformers' model code (as from_pretrained would) without torchao's import-time noise.
 
     transformers imports torchao whenever it is installed, the first time any model class is used (from_pretrained
@@ -129,7 +129,7 @@ def quiet_loading():
 def _convert_gguf(gguf_file: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _import_model_code()
+    import_model_code()
 
     t0 = time.time()
     print(f"lorakit: converting {gguf_file.name} to a safetensors copy in {target} (once; ~30 s)...", flush=True)
@@ -157,7 +157,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, task: str = "causal-lm", dtype
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    _import_model_code()
+    import_model_code()
     if task not in TASKS:
         raise LorakitError(f"task must be one of {TASKS}, got {task!r}.")
     if isinstance(dtype, str):
@@ -200,6 +200,61 @@ def load_model(name_or_path: str = DEFAULT_MODEL, task: str = "causal-lm", dtype
 
         quantize_model(model, quantize, compute_dtype=dtype or torch.float32)
     return model, tokenizer
+
+
+MADV_DONTNEED = 4  # madvise(2) advice on Linux: drop these pages; a file-backed page is read again from the file
+
+
+def cast_mapped_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Cast the frozen parameters that are views of a memory-mapped safetensors file to `dtype`, one at a time, each
+    fp32 original's pages handed back to the kernel as soon as it is converted. Returns how many were cast.
+
+    transformers maps a safetensors file into memory instead of copying it, so a freshly loaded fp32 model costs
+    little RSS until its weights are read. Casting them all (`lora.injection.cast_base`) reads every page of the file
+    into the process (538 MB for SmolLM2-135M) while the bf16 copies (270 MB) build up: the loading peak. Here each
+    weight's pages are dropped after its cast (madvise MADV_DONTNEED on the pages wholly inside it), so the peak is
+    the bf16 model plus one weight. The values are those of `cast_base`: the same `tensor.to(dtype)` of the same
+    tensors, in the same order; cast_base afterwards finds nothing left to cast. Selection is cast_base's (frozen,
+    plain floating-point, another dtype), restricted to weights lying inside a .safetensors mapping; anything else,
+    and every weight on other systems than Linux, is left for cast_base.
+
+    For a model as load_model returns it, before anything wrote to its weights: a dropped page reads back from the
+    file, so a weight changed in place (PiSSA/OLoRA init) must not go through here while another tensor still views
+    its old pages.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux":
+        return 0
+    mapped = []  # (start, end) of the process's mappings of .safetensors files
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].rstrip("\n").endswith(".safetensors"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                mapped.append((start, end))
+    if not mapped:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = os.sysconf("SC_PAGE_SIZE")
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                if (p.requires_grad or p.dtype == dtype or not p.is_floating_point() or p.device.type != "cpu"
+                        or type(p.data) is not torch.Tensor or not p.is_contiguous()):
+                    continue
+                start = p.data_ptr()
+                end = start + p.numel() * p.element_size()
+                if not any(a <= start and end <= b for a, b in mapped):
+                    continue
+                p.data = p.data.to(dtype)  # same Parameter object: tied weights stay tied (as in cast_base)
+                first, last = -(-start // page) * page, end // page * page  # the pages wholly inside the weight
+                if last > first:
+                    libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+                count += 1
+    return count
 
 
 def default_device() -> torch.device:

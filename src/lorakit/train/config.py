@@ -127,6 +127,9 @@ class TrainConfig:
     malloc_mmap_threshold_kb: int = 0
     """CPU memory, opt-in: glibc serves blocks of at least this many KiB with mmap, so freed activations return to the
     OS (128: ~30% lower peak RSS, but slower steps; see lorakit.memory). 0 leaves glibc at its defaults."""
+    malloc_trim: bool = False
+    """CPU memory: after each optimizer step, hand the memory the step freed back to the OS (glibc's malloc_trim), so
+    the heap does not grow past the largest step's needs over an epoch (see lorakit.memory.trim_heap)."""
     eval_every: int = 0
     """Evaluate every N optimizer steps (0: only at the end, when there is validation data)."""
     save_every: int = 0
@@ -183,7 +186,7 @@ class TrainConfig:
         for name in ("keep_last", "log_every", "eval_batch_size", "max_new_tokens"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 out.append(f"{prefix}{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("gradient_checkpointing", "tensorboard", "progress"):
+        for name in ("gradient_checkpointing", "malloc_trim", "tensorboard", "progress"):
             if not isinstance(getattr(self, name), bool):
                 out.append(f"{prefix}{name} must be true or false, got {getattr(self, name)!r}")
         if self.quantize not in QUANTIZE:

@@ -48,7 +48,7 @@ from lorakit.data.records import (TokenizedData, collate, epoch_batches, loss_to
                                   split_records, tokenize)
 from lorakit.errors import LorakitError
 from lorakit.fsutil import atomic_write_text
-from lorakit.memory import peak_rss_mb, set_mmap_threshold
+from lorakit.memory import peak_rss_mb, set_mmap_threshold, trim_heap
 from lorakit.train import distributed as dist
 from lorakit.train.checkpoint import (latest_checkpoint, load_optimizer_state, save_run_checkpoint, save_trained,
                                       set_rng_state, trainable_params)
@@ -343,6 +343,8 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]] | None = N
                 f"{config.max_skipped_steps} allowed)")
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if config.malloc_trim:
+        trim_heap()
     run.step += 1
 
     now = time.perf_counter()
@@ -513,9 +515,11 @@ def _resolve_task(config: TrainConfig, fmt: str) -> str:
 
 
 def _load_adapted_model(config: TrainConfig, tokenizer, task: str, train_data: TokenizedData) -> nn.Module:
-    """config.model with the tokenizer already loaded, plus config.lora (a classifier head trains with it)."""
+    """config.model with the tokenizer already loaded, plus config.lora (a classifier head trains with it). A bf16
+    base is cast here already, weight by weight from the mapped file, so that the fp32 file is never resident at
+    once (see cast_mapped_weights: the values are _prepare_base's cast's)."""
     from lorakit.lora.injection import add_lora
-    from lorakit.models.loading import load_model
+    from lorakit.models.loading import cast_mapped_weights, load_model
 
     attn = "eager" if "bf16" in (config.base_dtype, config.precision) else None
     model, _ = load_model(config.model, task=task, attn_implementation=attn, tokenizer=tokenizer,
@@ -524,6 +528,8 @@ def _load_adapted_model(config: TrainConfig, tokenizer, task: str, train_data: T
     if task == "seq-cls" and lora.modules_to_save is None:
         lora = dataclasses.replace(lora, modules_to_save=[n for n in ("classifier", "score") if hasattr(model, n)])
     add_lora(model, lora)
+    if config.base_dtype == "bf16" and not lora.changes_base:  # PiSSA/OLoRA wrote into the mapped weights
+        cast_mapped_weights(model, torch.bfloat16)
     if task == "seq-cls" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -24,7 +24,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     Each chunk's logits live in one reused fp32 buffer and are turned into softmax - onehot in place (max, subtract,
     exp, sum, divide), so no vocab-sized tensor is allocated per chunk: fresh multi-MB allocations cost page faults
-    that, on CPU, took longer than the arithmetic.
+    that, on CPU, took longer than the arithmetic. A bf16 head has one more reused buffer, of its dtype, holding the
+    chunk's logits as the matmul gives them and then its gradient for the backward matmuls.
     """
 
     @staticmethod
@@ -35,16 +36,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden)  # (N, H)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         buf = torch.empty((min(chunk, n_rows), vocab), dtype=torch.float32, device=hidden.device)
+        low = None if weight.dtype == torch.float32 else torch.empty(buf.shape, dtype=weight.dtype,
+                                                                      device=hidden.device)  # bf16 logits, then grads
         w_t = weight.T
         for start in range(0, n_rows, chunk):
             h = hidden[start:start + chunk]  # (n, H)
             y = targets[start:start + chunk]  # (n,)
             rows = torch.arange(y.shape[0], device=y.device)
             logits = buf[: h.shape[0]]
-            if weight.dtype == torch.float32:
+            if low is None:
                 torch.mm(h, w_t, out=logits)
             else:
-                logits.copy_(h @ w_t)
+                logits.copy_(torch.mm(h, w_t, out=low[: h.shape[0]]))
             target_logit = logits[rows, y]  # (n,), a copy taken before the in-place steps
             row_max = logits.amax(dim=-1, keepdim=True)
             logits.sub_(row_max).exp_()
@@ -53,7 +56,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             total += (lse - target_logit).sum()
             probs = logits.div_(row_sum)  # softmax; dL/dlogits = p - onehot
             probs[rows, y] -= 1.0
-            g = probs if weight.dtype == torch.float32 else probs.to(weight.dtype)
+            g = probs if low is None else low[: h.shape[0]].copy_(probs)
             torch.mm(g, weight, out=grad_h[start:start + chunk])  # (n, H)
             if need_w:
                 grad_w.addmm_(g.T.float(), h.float())  # (V, H)
