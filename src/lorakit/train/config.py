@@ -124,6 +124,10 @@ class TrainConfig:
     weight-only. LoRA weights stay fp32."""
     gradient_checkpointing: bool = False
     """Keep only each block's input for backward and recompute the rest (less memory, slower steps)."""
+    compile: bool = False
+    """torch.compile each transformer block for training, with dynamic shapes (batches of other lengths reuse the
+    compiled code). The first steps pay the compile time, which the summary reports. Where torch cannot compile (no
+    C++ compiler for CPU, no Triton for CUDA, an unsupported Python) the run stops at start-up saying so."""
     malloc_mmap_threshold_kb: int = 0
     """CPU memory, opt-in: glibc serves blocks of at least this many KiB with mmap, so freed activations return to the
     OS (128: ~30% lower peak RSS, but slower steps; see lorakit.memory). 0 leaves glibc at its defaults."""
@@ -186,7 +190,7 @@ class TrainConfig:
         for name in ("keep_last", "log_every", "eval_batch_size", "max_new_tokens"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 out.append(f"{prefix}{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("gradient_checkpointing", "malloc_trim", "tensorboard", "progress"):
+        for name in ("gradient_checkpointing", "compile", "malloc_trim", "tensorboard", "progress"):
             if not isinstance(getattr(self, name), bool):
                 out.append(f"{prefix}{name} must be true or false, got {getattr(self, name)!r}")
         if self.quantize not in QUANTIZE:

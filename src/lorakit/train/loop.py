@@ -33,6 +33,7 @@ import json
 import math
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -125,6 +126,8 @@ class Run:
     skipped_total: int = 0
     tick: float = field(default_factory=time.perf_counter)
     """When the previous step's record was made (for tokens/s)."""
+    compile_seconds_before: float = field(default_factory=lambda: compile_seconds())
+    """torch.compile's time in this process before the run (the summary reports the run's own, with compile: true)."""
 
     @property
     def position(self) -> dict[str, Any]:
@@ -325,7 +328,14 @@ def train_step(run: Run, micro_batches: list[dict[str, torch.Tensor]] | None = N
         micro_batches = _next_micro_batches(run)
     else:
         run.micro += len(micro_batches)
-    loss, bad_loss, tokens = _accumulate_gradients(run, micro_batches)
+    try:
+        loss, bad_loss, tokens = _accumulate_gradients(run, micro_batches)
+    except Exception as e:
+        if config.compile and _is_compile_failure(e):
+            raise LorakitError(f"compile: true: torch.compile failed on this machine ({type(e).__name__}: "
+                               f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}). Train "
+                               "without it: --set compile=false.") from e
+        raise
     norm = None if bad_loss is not None else grad_norm(run.params, config.optim.max_grad_norm)
     lr = run.scheduler.get_last_lr()[0]
     problem = (f"loss became {bad_loss}" if bad_loss is not None else
@@ -443,6 +453,7 @@ def finish(run: Run, started: float, interrupted: bool = False) -> TrainResult:
         "steps": run.step, "trainable params": trainable, "trainable %": share,
         "adapter size on disk (bytes)": dir_size(adapter_dir), "wall time (s)": round(time.perf_counter() - started, 1),
         "peak memory (MB)": peak_mb,
+        **({"compile time (s)": round(compile_seconds() - run.compile_seconds_before, 1)} if config.compile else {}),
         **({"peak memory per rank (MB)": " ".join(f"{p:.0f}" for p in peaks)} if run.distributed else {}),
         "examples": len(data.examples), "truncated examples": data.truncated,
         **({"skipped steps (non-finite)": run.skipped_total} if run.skipped_total else {}),
@@ -545,6 +556,8 @@ def _prepare_base(model: nn.Module, config: TrainConfig) -> None:
     if config.quantize:
         _quantize_base(model, config)
     fuse_gated_mlp(model)  # exact: bit-identical gradients, one activation per MLP fewer kept for backward
+    if config.compile:
+        compile_blocks(model)
     if config.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -563,6 +576,62 @@ def _quantize_base(model: nn.Module, config: TrainConfig) -> None:
         loftq_init(model, bits=4 if config.quantize == "nf4" else 8,
                    iters=config.lora.loftq_config.get("loftq_iter", 1), compute_dtype=compute)
     quantize_model(model, config.quantize, compute_dtype=compute)
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """compile: true. torch.compile each repeated block of `model` in place (the classes transformers names in
+    `_no_split_modules`, e.g. LlamaDecoderLayer; the whole forward for other models), with dynamic shapes so that
+    batches of other lengths reuse the compiled code. Parameter names do not change (checkpoints and adapters are
+    the same). Compilation itself happens at the first forward and backward. Returns how many modules were compiled.
+    Raises a LorakitError where torch cannot compile (nothing is changed then)."""
+    problem = compile_problem(next(model.parameters()).device.type)
+    if problem:
+        raise LorakitError(f"compile: true cannot work here: {problem}. Train without it: --set compile=false.")
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names] or [model]
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
+
+def compile_problem(device: str = "cpu") -> str | None:
+    """Why torch.compile (TorchDynamo + Inductor) cannot run on `device` in this process, or None if it can."""
+    try:
+        from torch._dynamo.eval_frame import check_if_inductor_supported
+
+        check_if_inductor_supported()  # e.g. a Python version this torch's Dynamo does not support
+    except Exception as e:  # noqa: BLE001  torch's own reason is the message
+        return f"torch.compile is not supported with this Python/torch ({e})"
+    if device == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except Exception as e:  # noqa: BLE001
+            return f"Inductor needs a C++ compiler for CPU code and found none ({e}); install g++ or set CXX"
+    elif device == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "Inductor needs Triton for CUDA code; install the triton package matching this torch"
+    else:
+        return f"lorakit compiles for CPU and CUDA, not {device}"
+    return None
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent in this process (Dynamo's frame compilation, forward and backward graphs)."""
+    if "torch._dynamo" not in sys.modules:  # never imported: nothing was compiled
+        return 0.0
+    from torch._dynamo.utils import calculate_time_spent
+
+    return float(calculate_time_spent().get("total_wall_time", 0.0))
+
+
+def _is_compile_failure(error: BaseException) -> bool:
+    """An error raised by torch.compile's machinery (Dynamo or Inductor), not by the model's own computation."""
+    module = type(error).__module__
+    return module.startswith(("torch._dynamo", "torch._inductor"))
 
 
 def _describe(run: Run) -> str:
