@@ -96,9 +96,6 @@ class SlotRunner:
         self.step_single: str | None = None  # the adapter of every row, when the step has one and no base rows
         self.own_routing: set[str] = set()  # adapters some layer runs through its own forward (DoRA, embeddings...)
         self.untabled = True  # a LoRA layer outside the tables holds adapters (or no tables yet): route every step
-        self.norms = {m: _fast_norm(m) for layer in self.inner.layers
-                      for m in (layer.input_layernorm, layer.post_attention_layernorm)}
-        self.norms[self.inner.norm] = _fast_norm(self.inner.norm)
         self.packed: list[dict[str, PackedLinear | None]] = []  # per decoder layer: qkv, o, gate_up, down
         self.packed_head: PackedLinear | None = None
         self.packed_signature = None
@@ -191,17 +188,8 @@ class SlotRunner:
             out.append(y if table is None else self._delta(table, x, y))
         return out
 
-    def _norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """An RMSNorm as one fused op where the module is a known RMSNorm (same math as its forward)."""
-        eps = self.norms.get(module)
-        if eps is None:
-            return module(x)
-        if x.dtype == torch.float32 and module.weight.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), module.weight, eps)
-        return module.weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
-
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        h = self._norm(self.inner.norm, h)
+        h = self.inner.norm(h)
         return self.packed_head(h) if self.packed_head is not None else self.model.lm_head(h)
 
     @property
@@ -295,7 +283,7 @@ class SlotRunner:
         packed = self.packed or [{} for _ in self.inner.layers]
         for layer, kc, vc, p in zip(self.inner.layers, self.keys, self.values, packed):
             attn = layer.self_attn
-            y = self._norm(layer.input_layernorm, h)
+            y = layer.input_layernorm(h)
             q, k, v = self._group(_attention(layer)[:3], p.get("qkv"), y)
             q = q.view(batch, length, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
             k = k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, d)
@@ -312,18 +300,10 @@ class SlotRunner:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
             out = out.view(batch, self.heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
             h = h + self._group((attn.o_proj,), p.get("o"), out)[0]
-            mlp, y = layer.mlp, self._norm(layer.post_attention_layernorm, h)
+            mlp, y = layer.mlp, layer.post_attention_layernorm(h)
             gate, up = self._group(_mlp(layer)[:2], p.get("gate_up"), y)
             h = h + self._group((mlp.down_proj,), p.get("down"), mlp.act_fn(gate) * up)[0]
         return h
-
-
-def _fast_norm(module: nn.Module) -> float | None:
-    """The epsilon of a Llama/Mistral/Qwen2 RMSNorm (weight · x / sqrt(mean(x²) + eps), computed in fp32), else None."""
-    if type(module).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm") and isinstance(
-            getattr(module, "variance_epsilon", None), float):
-        return module.variance_epsilon
-    return None
 
 
 def _attention(layer: nn.Module) -> tuple[nn.Module, ...]:
