@@ -68,8 +68,9 @@ def run(run_dir: Path, data_file: Path, max_steps: int, kill_at: str | None = No
 
 
 def _arm(model, kind: str, n: str) -> None:
-    """SIGKILL this process in the n-th forward pass (mid-step), or half-way through writing the n-th safetensors
-    file (4 per checkpoint: adapter, trainable, optimizer, rng)."""
+    """SIGKILL this process in the n-th training forward pass (mid-step; forwards without gradients, such as the
+    start-up packing check, do not count), or half-way through writing the n-th safetensors file (4 per checkpoint:
+    adapter, trainable, optimizer, rng)."""
     n, calls = int(n), [0]
 
     def count() -> bool:
@@ -77,8 +78,10 @@ def _arm(model, kind: str, n: str) -> None:
         return calls[0] == n
 
     if kind == "forward":
+        import torch
+
         def hook(module, args):
-            if count():
+            if torch.is_grad_enabled() and count():
                 os.kill(os.getpid(), signal.SIGKILL)
 
         model.get_submodule("model.layers.0").register_forward_pre_hook(hook)  # once per micro-batch forward

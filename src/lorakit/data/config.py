@@ -40,11 +40,14 @@ class DataConfig:
     """Also compute the loss on prompt tokens (default: completion tokens only)."""
     max_length: int = 512
     """Longer examples are truncated (and counted)."""
-    group_by_length: bool = True
-    """Batch examples of similar length together (less padding), in a seeded random order."""
-    packing: bool = False
-    """Pack each micro-batch's examples back to back in as few rows as possible (no padding; positions restart and
-    attention cannot cross examples, so the loss is the padded batch's). Causal LMs, one process."""
+    group_by_length: bool = False
+    """Batch examples of similar length together, in a seeded random order: less padding where packing is off, but
+    the batches are no longer random samples of the data, which can cost quality (E2E: eval loss 1.8% higher)."""
+    packing: bool | str = "auto"
+    """Pack each micro-batch's examples back to back in rows as wide as its longest example (less padding;
+    positions restart and attention cannot cross examples, so the loss is the padded batch's). auto: on for
+    causal-LM training in one process when the model keeps packed examples apart (checked at start-up), else off;
+    the choice is printed and saved in the run's config."""
 
     def __post_init__(self) -> None:
         check(self, "Invalid data config")
@@ -64,7 +67,9 @@ class DataConfig:
         for name in ("train_file", "eval_file", "text_pair_field"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, os.PathLike)):
                 out.append(f"{prefix}{name} must be a string or null, got {getattr(self, name)!r}")
-        for name in ("chat_template", "train_on_prompt", "group_by_length", "packing"):
+        for name in ("chat_template", "train_on_prompt", "group_by_length"):
             if not isinstance(getattr(self, name), bool):
                 out.append(f"{prefix}{name} must be true or false, got {getattr(self, name)!r}")
+        if self.packing not in (True, False, "auto") or not isinstance(self.packing, (bool, str)):  # 1 == True
+            out.append(f"{prefix}packing must be true, false or auto, got {self.packing!r}")
         return out
