@@ -206,7 +206,7 @@ class TrainConfig:
             return out + [f"{prefix}{name} must be a {section.__name__}, got {type(getattr(self, name)).__name__} "
                           "(TrainConfig.from_dict builds the sections from mappings)" for name, section in wrong]
         out += self._quantization_problems(prefix)
-        if self.data.packing and (self.task == "seq-cls" or self.distributed != "none"):
+        if self.data.packing is True and (self.task == "seq-cls" or self.distributed != "none"):
             out.append(f"{prefix}data.packing applies to causal-LM training in one process; got task={self.task!r}, "
                        f"distributed={self.distributed!r}: set data.packing=false")
         return (out + self.data.problems(prefix + "data.") + self.lora.problems(prefix + "lora.")

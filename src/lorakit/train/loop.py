@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorakit.data.packing import collate_packed
+from lorakit.data.packing import collate_packed, resolve_packing
 from lorakit.data.records import (TokenizedData, collate, epoch_batches, loss_tokens, read_records, show_example,
                                   split_records, tokenize)
 from lorakit.errors import LorakitError
@@ -93,9 +93,9 @@ class Prepared:
     task: str
     """causal-lm or seq-cls."""
     config: TrainConfig | None = None
-    """The config with `base_dtype: auto` resolved (what the run uses and saves)."""
+    """The config with `base_dtype: auto` and `data.packing: auto` resolved (what the run uses and saves)."""
     note: str | None = None
-    """Why auto chose that base dtype (printed, and written atop config.yaml)."""
+    """Why auto chose that base dtype and packing (printed, and written atop config.yaml)."""
 
 
 @dataclass
@@ -212,6 +212,8 @@ def prepare(config: TrainConfig, model: nn.Module | None = None, tokenizer=None)
     config, note = _resolve_base_dtype(config, model, task)
     if model is None:
         model = _load_adapted_model(config, tokenizer, task, train_data)
+    data, packing_note = resolve_packing(config.data, task, config.distributed, model)  # probes the model once
+    config, note = dataclasses.replace(config, data=data), "\n".join(n for n in (note, packing_note) if n) or None
     _prepare_base(model, config)
     if not trainable_params(model):
         raise LorakitError("Nothing to train: no parameter has requires_grad. Add an adapter (add_lora) or unfreeze "
