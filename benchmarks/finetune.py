@@ -16,15 +16,17 @@ Workloads:
 Targets: qv (W_q, W_v) and all (all-linear: q,k,v,o,gate,up,down).
 
 Runs (--runs, a comma list; those the installed lorakit does not support yet are skipped with a note):
-  trl-fp32        TRL SFTTrainer + PEFT LoraConfig, bf16=False (fp32)
-  trl-bf16        the same with bf16=True (autocast): TRL 1.x's own default when fp16 is not set
-  trl-bf16-nogc   trl-bf16 with gradient_checkpointing=False (TRL 1.x turns it on by default); not in the default set
-  lk-fp32         `lorakit train --base-dtype fp32`
-  lk-bf16         `lorakit train --base-dtype bf16` (frozen base cast to bf16 once, LoRA weights fp32)
-  lk-auto         `lorakit train --base-dtype auto` (when lorakit has it: bf16 where bf16 matmul is measured fast)
-  lk-bf16-packed  `lorakit train --base-dtype bf16 --set data.packing=true` (when lorakit has data.packing)
-  lk-default      `lorakit train` with no precision option at all; not in the default set
-  lk-fp32-random  lk-fp32 without length-grouped batches (random batches as TRL's); not in the default set
+  trl-fp32           TRL SFTTrainer + PEFT LoraConfig, bf16=False (fp32)
+  trl-bf16           the same with bf16=True (autocast): TRL 1.x's own default when fp16 is not set
+  trl-bf16-nogc      trl-bf16 with gradient_checkpointing=False (TRL 1.x turns it on by default)
+  lk-default         `lorakit train` with no precision or batching option: whatever lorakit's defaults resolve to
+                     (the row's label says what: base dtype, packing, batch order)
+  lk-packed          --base-dtype auto, random batches, packed       (data.packing=true, data.group_by_length=false)
+  lk-random          --base-dtype auto, random batches, padded       (data.packing=false, data.group_by_length=false)
+  lk-grouped         --base-dtype auto, length-grouped, padded       (data.packing=false, data.group_by_length=true)
+  lk-grouped-packed  --base-dtype auto, length-grouped, packed
+  lk-fp32-*, lk-bf16-*   the same four with --base-dtype fp32 / bf16 (lk-fp32-random: lorakit as TRL batches)
+Every lorakit run except lk-default names its batching, so a row means the same whatever lorakit's defaults are.
 TRL runs in its own virtual environment (--trl-python), lorakit in this one; TRL and PEFT are the `bench` extra.
 
 Measured per run: train wall (from the first forward pass to the end of the last optimizer step, taken the same way
@@ -41,7 +43,10 @@ N_blocks: the linear weights of the 30 transformer blocks; tokens: real tokens; 
 
     .venv/bin/python benchmarks/finetune.py --quick                  # every run kind end to end, ~32 examples, 4 steps
     .venv/bin/python benchmarks/finetune.py                          # the E2E q,v table (~15-20 min on 2 cores)
-    .venv/bin/python benchmarks/finetune.py --workloads chat --targets qv,all --merge   # more rows, same file
+    .venv/bin/python benchmarks/finetune.py --workloads chat --examples 256 --merge    # more rows, same file
+    .venv/bin/python benchmarks/finetune.py --runs lk-default --merge --drop 'e2e/qv/lk-*'   # replace rows
+--merge keeps the rows of the results file measured with the same batch size, lr, seed, threads and steps, and, per
+workload, the same --examples/--eval-examples (so E2E and the chat set may use different sizes in one file).
 
 Setting up TRL's environment once (torch first, from the local CPU wheel; an unpinned torch pulls CUDA builds):
     python3 -m venv /work/venvs/trl && /work/venvs/trl/bin/pip install torch==2.13.0
@@ -52,6 +57,7 @@ Writes benchmarks/results/finetune.{md,json} (--quick: benchmarks/runs/finetune/
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import random
@@ -76,17 +82,20 @@ KINDS: dict[str, dict[str, Any]] = {
     "trl-bf16": {"framework": "trl", "bf16": True, "label": "TRL SFTTrainer + PEFT, bf16=True (TRL's default)"},
     "trl-bf16-nogc": {"framework": "trl", "bf16": True, "gradient_checkpointing": False,
                       "label": "TRL + PEFT, bf16=True, gradient_checkpointing=False"},
-    "lk-fp32": {"framework": "lorakit", "argv": ["--base-dtype", "fp32"], "label": "lorakit train --base-dtype fp32"},
-    "lk-bf16": {"framework": "lorakit", "argv": ["--base-dtype", "bf16"], "label": "lorakit train --base-dtype bf16"},
-    "lk-auto": {"framework": "lorakit", "argv": ["--base-dtype", "auto"], "needs": "base_dtype_auto",
-                "label": "lorakit train --base-dtype auto"},
-    "lk-bf16-packed": {"framework": "lorakit", "argv": ["--base-dtype", "bf16", "--set", "data.packing=true"],
-                       "needs": "packing", "label": "lorakit train --base-dtype bf16 --set data.packing=true"},
-    "lk-default": {"framework": "lorakit", "argv": [], "label": "lorakit train (no precision option)"},
-    "lk-fp32-random": {"framework": "lorakit", "argv": ["--base-dtype", "fp32", "--set", "data.group_by_length=false"],
-                       "label": "lorakit train --base-dtype fp32, random batches (no length grouping, as TRL)"},
+    # lorakit runs: each names the batching it measures, so a row means the same whatever lorakit's defaults are
+    # (lk-default alone follows them; its label gets what they resolved to)
+    "lk-default": {"framework": "lorakit", "argv": [], "label": "lorakit train (defaults)"},
 }
-DEFAULT_RUNS = "trl-fp32,trl-bf16,lk-fp32,lk-bf16,lk-auto,lk-bf16-packed"
+for _dtype, _prefix in (("auto", "lk-"), ("fp32", "lk-fp32-"), ("bf16", "lk-bf16-")):
+    for _batching, (_packing, _grouped) in {"packed": (True, False), "random": (False, False),
+                                            "grouped": (False, True), "grouped-packed": (True, True)}.items():
+        KINDS[_prefix + _batching] = {
+            "framework": "lorakit", **({"needs": "base_dtype_auto"} if _dtype == "auto" else {}),
+            "argv": ["--base-dtype", _dtype, "--set", f"data.packing={str(_packing).lower()}",
+                     "--set", f"data.group_by_length={str(_grouped).lower()}"],
+            "label": f"lorakit train --base-dtype {_dtype}, {'length-grouped' if _grouped else 'random'} batches, "
+                     f"{'packed' if _packing else 'padded'}" + (" (as TRL)" if not (_packing or _grouped) else "")}
+DEFAULT_RUNS = "trl-fp32,trl-bf16,lk-default,lk-random,lk-grouped,lk-fp32-packed,lk-fp32-random"
 CHILD_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
              "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -334,8 +343,10 @@ def lorakit_features() -> dict[str, Any]:
         except (LorakitError, TypeError, ValueError):
             return False
 
+    default = TrainConfig.from_dict({})
     return {"base_dtype_auto": accepts({"base_dtype": "auto"}), "packing": accepts({"data": {"packing": True}}),
-            "default_base_dtype": TrainConfig.from_dict({}).base_dtype}
+            "packing_auto": accepts({"data": {"packing": "auto"}}), "default_base_dtype": default.base_dtype,
+            "default_packing": default.data.packing, "default_group_by_length": default.data.group_by_length}
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -462,16 +473,16 @@ def lorakit_python() -> str:
 
 def train_run(ctx: dict[str, Any], workload: str, targets: str, kind: str) -> dict[str, Any]:
     """Train one run in its own process; its row (timings, memory, tokens, FLOPs), without the eval loss yet."""
+    import yaml
+
     from lorakit.hardware import auto_base_dtype
 
-    args, spec_kind, features, data = ctx["args"], KINDS[kind], ctx["features"], ctx["data"][workload]
+    args, spec_kind, data = ctx["args"], KINDS[kind], ctx["data"][workload]
     key = f"{workload}/{targets}/{kind}"
     run_dir = args.work / key.replace("/", "-")
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     label = spec_kind["label"]
-    if kind in ("lk-auto", "lk-fp32") and features["default_base_dtype"] == kind[3:]:
-        label += " (lorakit's default)"
     row: dict[str, Any] = {"workload": workload, "targets": targets, "kind": kind, "label": label}
     print(f"[{key}] training ...", flush=True)
     if spec_kind["framework"] == "trl":
@@ -502,10 +513,20 @@ def train_run(ctx: dict[str, Any], workload: str, targets: str, kind: str) -> di
         res["command"] = "lorakit " + " ".join(cli)
         res["summary_wall_seconds"] = res.get("summary", {}).get("wall time (s)")
         # the resolved config names the base dtype the run used (base_dtype auto is saved as its choice)
-        dtype = next((a for a in ("bf16", "fp32") if f"base_dtype: {a}" in res.get("config", "")), None) \
-            or auto_base_dtype()[0]
+        resolved = yaml.safe_load(res.get("config") or "{}") or {}
+        data_cfg = resolved.get("data") or {}
+        row["resolved"] = {"base_dtype": resolved.get("base_dtype"), "packing": data_cfg.get("packing"),
+                           "group_by_length": data_cfg.get("group_by_length")}
+        dtype = resolved.get("base_dtype") if resolved.get("base_dtype") in ("bf16", "fp32") else auto_base_dtype()[0]
+        if kind == "lk-default":
+            row["label"] = (f"lorakit train (defaults: {dtype} base, "
+                            f"{'length-grouped' if data_cfg.get('group_by_length') else 'random'} batches, "
+                            f"{'packed' if data_cfg.get('packing') is True else 'padded'})")
     res.pop("result_file", None)
     row.update(res)
+    row["lorakit_commit"] = ctx["source"]["commit"][:10] + ("+" if ctx["source"]["uncommitted_src_files"] else "")
+    row["gemm_peak"] = ctx["peak"]
+    row["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     peak, shape = ctx["peak"], ctx["shape"]
     seen = row["optimizer_steps"] * args.batch_size / len(row["example_lengths"])  # epochs seen (1.0 by default)
     row["epochs_seen"] = seen
@@ -559,9 +580,35 @@ EXPLAIN = [
     "appends the EOS id) and mask the prompt; TRL truncates at max_length 1024, lorakit at data.max_length 512. "
     "`accounting_vs_lorakit` in each TRL row counts the examples whose token ids and target masks are identical.",
     "- TRL 1.x defaults that matter here: bf16=True when fp16 is not set (so trl-bf16 is what a user gets by "
-    "default), gradient_checkpointing=True, random batches (no length grouping); lorakit groups batches by length "
-    "(data.group_by_length) by default, so it pads less.",
+    "default), gradient_checkpointing=True, random batches (no length grouping), no packing. lorakit's batching: "
+    "data.group_by_length (length-grouped batches, less padding) and data.packing (each micro-batch's examples "
+    "back to back in rows as wide as its longest example, positions restarting per example, no attention across "
+    "examples, the same targets and loss). Packing changes neither the batches nor their order; length grouping "
+    "does, and with it the loss.",
 ]
+
+
+PACKING_PAIRS = [(f"{prefix}{order}packed", f"{prefix}{order or 'random'}".rstrip("-"))
+                 for prefix in ("lk-", "lk-fp32-", "lk-bf16-") for order in ("", "grouped-")]
+
+
+def packing_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Packed against padded, same precision and batch order: speed, padding and eval loss (issue 19's target)."""
+    out = []
+    for packed_kind, padded_kind in PACKING_PAIRS:
+        for key, r in rows.items():
+            if r["kind"] != packed_kind or "error" in r:
+                continue
+            o = rows.get(f"{r['workload']}/{r['targets']}/{padded_kind}")
+            if not o or "error" in o:
+                continue
+            loss = (f"; eval loss {r['eval_loss']:.4f} vs {o['eval_loss']:.4f}"
+                    if r.get("eval_loss") is not None and o.get("eval_loss") is not None else "")
+            out.append(f"- packing, {r['workload']}/{r['targets']}: {packed_kind} {r['tokens_per_s']:.0f} vs "
+                       f"{padded_kind} {o['tokens_per_s']:.0f} real tokens/s = "
+                       f"{r['tokens_per_s'] / o['tokens_per_s']:.2f}×; padding {100 * r['padding_share']:.0f}% vs "
+                       f"{100 * o['padding_share']:.0f}%{loss}.")
+    return out
 
 
 def write_report(ctx: dict[str, Any], rows: dict[str, dict[str, Any]], base_eval: dict[str, Any],
@@ -573,6 +620,10 @@ def write_report(ctx: dict[str, Any], rows: dict[str, dict[str, Any]], base_eval
     args, peak, size, repeats = ctx["args"], ctx["peak"], ctx["size"], ctx["repeats"]
     add_ratios(rows)
     versions = next((r["versions"] for r in rows.values() if "versions" in r), {})
+    by_time: dict[tuple[str, str], list[str]] = {}
+    for key, r in sorted(rows.items(), key=lambda kv: kv[1].get("measured_at", "")):
+        by_time.setdefault((r.get("measured_at", "by 17:59 UTC (an earlier file; see git log)"),
+                            r.get("lorakit_commit", "–")), []).append(key)
     trl_settings = next(({k: v for k, v in r["settings"].items() if k != "bf16"} for r in rows.values()
                          if "settings" in r), {})
     end = (f"; at the end: fp32 {peak_end['fp32_gflops']:.0f}, bf16 {peak_end['bf16_gflops']:.0f} GFLOP/s"
@@ -581,12 +632,16 @@ def write_report(ctx: dict[str, Any], rows: dict[str, dict[str, Any]], base_eval
               f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
               *([] if done else ["**Partial: runs still going; eval losses come at the end.**", ""]),
               cpu_line(), "",
-              f"lorakit at {ctx['source']['commit'][:10]}"
+              f"This invocation: lorakit at {ctx['source']['commit'][:10]}"
               + (f" with {ctx['source']['uncommitted_src_files']} uncommitted file(s) under src/ (work in progress "
-                 "in the tree when measured)" if ctx["source"]["uncommitted_src_files"] else "") + ".",
+                 "in the tree when measured)" if ctx["source"]["uncommitted_src_files"] else "") + "; "
               f"GEMM peak ({args.threads} threads, {size}³, best of {repeats}) at start: fp32 "
               f"{peak['fp32_gflops']:.0f}, bf16 {peak['bf16_gflops']:.0f} GFLOP/s{end}.",
-              "", "```bash", ".venv/bin/python benchmarks/finetune.py " + " ".join(ctx["argv"]), "```", "",
+              "", "```bash", *ctx["commands"], ".venv/bin/python benchmarks/finetune.py " + " ".join(ctx["argv"]),
+              "```", "",
+              *([f"Rows were measured in {len(by_time)} invocations (--merge): " + "; ".join(
+                  f"{t}, lorakit {c}: {', '.join(keys)}" for (t, c), keys in by_time.items()) + ".", ""]
+                if len(by_time) > 1 else []),
               f"SmolLM2-135M-Instruct, LoRA r=8 α=16 dropout 0, batch {args.batch_size}, "
               f"{'1 epoch' if not args.steps else f'{args.steps} steps'}, lr {args.lr:g} linear, no warm-up, weight "
               f"decay 0, clip 1.0, completion-only loss, {args.threads} threads, each run its own process. "
@@ -609,20 +664,12 @@ def write_report(ctx: dict[str, Any], rows: dict[str, dict[str, Any]], base_eval
                            f"identical token ids in TRL and lorakit and {acc['identical_target_masks']} identical "
                            f"target masks; tokens TRL {acc['tokens'][0]} / lorakit {acc['tokens'][1]}, targets "
                            f"{acc['targets'][0]} / {acc['targets'][1]}.")
-    for key, r in rows.items():
-        if r["kind"] != "lk-bf16-packed" or "error" in r:
-            continue
-        plain = next((o for o in rows.values() if o["kind"] in ("lk-bf16", "lk-auto") and "error" not in o
-                      and (o["workload"], o["targets"]) == (r["workload"], r["targets"])), None)
-        if plain:
-            explain.append(f"- {key}: padding {100 * r['padding_share']:.0f}% packed vs "
-                           f"{100 * plain['padding_share']:.0f}% unpacked ({plain['kind']})"
-                           + ("; lorakit packs within each micro-batch into rows as wide as its longest example, so "
-                              "with length-grouped batches (data.group_by_length, on by default) almost nothing fits "
-                              "together" if plain["padding_share"] - r["padding_share"] < 0.02 else "") + ".")
+    explain += packing_lines(rows)
     explain += [f"- {n}" for n in ctx["notes"]]
     md = "\n".join(header + body + explain) + "\n"
     report = {"benchmark": "finetune", "complete": done, "settings": ctx["settings"],
+              "workload_settings": ctx["workload_settings"],
+              "commands": ctx["commands"] + [".venv/bin/python benchmarks/finetune.py " + " ".join(ctx["argv"])],
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "cpu": cpu_info(), "gemm_peak_start": peak, "gemm_peak_end": peak_end,
               "lorakit_features": ctx["features"], "lorakit_source": ctx["source"], "model_shape": {k: v for k, v in ctx["shape"].items() if k != "shapes"},
@@ -672,6 +719,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default=None, help="results file name (default finetune, finetune_quick)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of an earlier results file measured with the same settings")
+    parser.add_argument("--drop", action="append", default=[], metavar="PATTERN",
+                        help="with --merge: leave out the earlier rows whose key (workload/targets/run) matches this "
+                             "glob, e.g. 'e2e/qv/lk-*' (repeatable)")
     args = parser.parse_args(argv)
     if args.child:
         run_child(args.child[0], json.loads(Path(args.child[1]).read_text()))
@@ -695,24 +745,46 @@ def main(argv: list[str] | None = None) -> None:
     from lorakit.models.loading import resolve_model_path
 
     ctx: dict[str, Any] = {"args": args, "argv": list(argv if argv is not None else sys.argv[1:]), "notes": [],
+                           "commands": [],
                            "sources": {},
                            "out": Path(args.out) if args.out else (WORK if args.quick else RESULTS),
                            "name": args.name or ("finetune_quick" if args.quick else "finetune"),
                            "model_path": resolve_model_path("smollm2-135m"), "features": lorakit_features(),
-                           "settings": {k: getattr(args, k) for k in ("examples", "eval_examples", "steps",
-                                                                      "batch_size", "lr", "seed", "threads")}}
+                           "settings": {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed",
+                                                                      "threads")},
+                           "workload_settings": {}}
     ctx["shape"] = model_shape(ctx["model_path"])
     ctx["source"] = source_state()
     rows: dict[str, dict[str, Any]] = {}
     base_eval: dict[str, Any] = {}
     path_json = ctx["out"] / f"{ctx['name']}.json"
+    sizes = {"examples": args.examples, "eval_examples": args.eval_examples}
     if args.merge and path_json.exists():
         old = json.loads(path_json.read_text())
-        if old.get("settings") != ctx["settings"]:
-            raise SystemExit(f"--merge: {path_json} was measured with other settings: {old.get('settings')}")
+        old_settings = dict(old.get("settings") or {})
+        old_sizes = old.get("workload_settings") or {  # files written before sizes were kept per workload
+            w: {k: old_settings.get(k) for k in sizes} for w in old.get("sources") or {}}
+        old_settings = {k: v for k, v in old_settings.items() if k not in sizes}
+        if old_settings != ctx["settings"]:
+            raise SystemExit(f"--merge: {path_json} was measured with other settings: {old_settings}")
+        clash = [w for w in workloads if w in old_sizes and old_sizes[w] != sizes]
+        if clash:
+            raise SystemExit(f"--merge: {path_json} measured {clash} with {[old_sizes[w] for w in clash]}, not "
+                             f"{sizes}; use the same --examples/--eval-examples, or another --name")
         rows.update(old["results"])
         base_eval.update(old.get("base_eval") or {})
         ctx["sources"].update(old.get("sources") or {})
+        ctx["workload_settings"].update(old_sizes)
+        ctx["commands"] = list(old.get("commands") or [])
+        ctx["notes"] += [n for n in old.get("notes") or [] if not any(fnmatch.fnmatch(n.split(":")[0], d)
+                                                                      for d in args.drop)]
+    dropped = [k for k in rows if any(fnmatch.fnmatch(k, d) for d in args.drop)]
+    for k in dropped:
+        del rows[k]
+    if dropped:
+        print(f"--drop: removed {dropped}", flush=True)
+    for w in workloads:
+        ctx["workload_settings"][w] = sizes
     print(cpu_line(), flush=True)
     ctx["size"], ctx["repeats"] = (1024, 3) if args.quick else (2048, 10)
     ctx["peak"] = gemm_peak(args.threads, ctx["size"], ctx["repeats"])

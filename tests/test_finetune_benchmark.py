@@ -88,3 +88,21 @@ def test_run_kinds_and_table():
     assert len(lines) == 4 and all(line.count("|") == lines[0].count("|") for line in lines)
     assert "| TRL | 10.0 | 20.0 | 100 | 1.5000 | 2.00 | 10.0% | 5.0% | 25% | 1.00× | 0.50× | 1.00× |" in lines
     assert "failed: boom" in lines[3]
+
+
+def test_every_lorakit_run_but_the_default_names_its_batching():
+    for name, kind in F.KINDS.items():
+        if kind["framework"] == "lorakit" and name != "lk-default":
+            assert {a.split("=")[0] for a in kind["argv"] if a.startswith("data.")} == {"data.packing",
+                                                                                   "data.group_by_length"}, name
+    assert all(a in F.KINDS and b in F.KINDS for a, b in F.PACKING_PAIRS)
+
+
+def test_packing_lines_compare_packed_with_padded_at_the_same_precision_and_order():
+    row = lambda kind, tps, pad, loss: {"workload": "chat", "targets": "qv", "kind": kind, "tokens_per_s": tps,  # noqa: E731
+                                        "padding_share": pad, "eval_loss": loss}
+    rows = {"chat/qv/lk-fp32-packed": row("lk-fp32-packed", 260.0, 0.19, 1.2345),
+            "chat/qv/lk-fp32-random": row("lk-fp32-random", 200.0, 0.37, 1.2346),
+            "chat/qv/lk-packed": row("lk-packed", 400.0, 0.19, None)}  # its padded partner is missing: no line
+    assert F.packing_lines(rows) == ["- packing, chat/qv: lk-fp32-packed 260 vs lk-fp32-random 200 real tokens/s = "
+                                     "1.30×; padding 19% vs 37%; eval loss 1.2345 vs 1.2346."]
