@@ -1,7 +1,10 @@
 """Memory savers of a training run keep its numbers: a bf16 base cast weight by weight from the mapped file trains
-exactly as the fp32 model cast at once."""
+exactly as the fp32 model cast at once; the fused loss under no_grad (validation) is the same loss; malloc_trim changes
+nothing but memory; train() limits oneDNN's primitive cache unless the user chose."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -54,3 +57,30 @@ def test_trim_heap_returns_memory_on_glibc():
     del blocks  # every other block freed: free pages inside the heap, which only a trim hands back
     assert trim_heap() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
     del kept
+
+
+def test_the_fused_loss_under_no_grad_is_the_same_loss_without_gradient_work():
+    from lorakit.train.losses import fused_linear_cross_entropy
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden = torch.randn(50, 16, dtype=dtype, requires_grad=True)
+        weight = torch.randn(300, 16, dtype=dtype)
+        targets = torch.randint(0, 300, (50,))
+        trained = fused_linear_cross_entropy(hidden, weight, targets, chunk=16)
+        with torch.no_grad():
+            evaluated = fused_linear_cross_entropy(hidden, weight, targets, chunk=16)
+        assert torch.equal(trained.detach(), evaluated) and evaluated.grad_fn is None
+
+
+def test_train_limits_the_onednn_cache_unless_the_user_chose(tmp_path, data_file, monkeypatch):
+    from lorakit.memory import ONEDNN_CACHE_ENV, limit_onednn_cache
+    from tiny_run import lora_model
+    from tiny_text import tiny_tokenizer
+
+    monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
+    train(config(tmp_path / "c", data_file, base_dtype="fp32", optim__max_steps=1, save_every=0), lora_model(),
+          tiny_tokenizer())
+    assert os.environ[ONEDNN_CACHE_ENV] == "64"
+    monkeypatch.setenv(ONEDNN_CACHE_ENV, "5")
+    assert limit_onednn_cache() is False and os.environ[ONEDNN_CACHE_ENV] == "5"

@@ -49,7 +49,7 @@ from lorakit.data.records import (TokenizedData, collate, epoch_batches, loss_to
                                   split_records, tokenize)
 from lorakit.errors import LorakitError
 from lorakit.fsutil import atomic_write_text
-from lorakit.memory import peak_rss_mb, set_mmap_threshold, trim_heap
+from lorakit.memory import limit_onednn_cache, peak_rss_mb, set_mmap_threshold, trim_heap
 from lorakit.train import distributed as dist
 from lorakit.train.checkpoint import (latest_checkpoint, load_optimizer_state, save_run_checkpoint, save_trained,
                                       set_rng_state, trainable_params)
@@ -146,6 +146,7 @@ def train(config: TrainConfig | None, model: nn.Module | None = None, tokenizer=
     `on_step(step, record)` is called after every optimizer step (tests use it to simulate interruptions).
     """
     started = time.perf_counter()
+    limit_onednn_cache()  # before the first bf16 matmul (the bf16 speed probe): batch shapes vary every step
     config, run_dir, resumed = _open_run(config, resume)
     _seed_everything(config.seed)
     if config.malloc_mmap_threshold_kb:
@@ -415,7 +416,7 @@ def validate(run: Run) -> dict[str, float]:
     """Validation metrics of the current weights; the adapter with the best metric so far is kept in best/."""
     prepared = run.prepared
     # two separate gathers: FSDP2's forward hooks put their shards back into the modules it runs
-    with dist.full_params(run.engine):
+    with dist.full_params(run.engine), torch.no_grad():  # nothing kept for a backward that never comes
         metrics = evaluate(prepared.model, prepared.tokenizer, prepared.eval_data, prepared.task, run.config)
     key = run.config.metric or "eval_loss"
     value = metrics[key]

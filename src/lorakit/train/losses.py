@@ -20,7 +20,8 @@ IGNORE_INDEX = -100
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """sum over rows of CE(h W^T, y); returns the sum. Gradients are computed in forward, chunk by chunk.
+    """sum over rows of CE(h W^T, y); returns the sum. Gradients are computed in forward, chunk by chunk, those that
+    autograd will ask for only (none under no_grad: then the loss alone).
 
     Each chunk's logits live in one reused fp32 buffer and are turned into softmax - onehot in place (max, subtract,
     exp, sum, divide), so no vocab-sized tensor is allocated per chunk: fresh multi-MB allocations cost page faults
@@ -30,10 +31,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
-        need_w = weight.requires_grad
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # both False under no_grad (evaluation)
         n_rows, vocab = hidden.shape[0], weight.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden)  # (N, H)
+        grad_h = torch.empty_like(hidden) if need_h else None  # (N, H)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         buf = torch.empty((min(chunk, n_rows), vocab), dtype=torch.float32, device=hidden.device)
         low = None if weight.dtype == torch.float32 else torch.empty(buf.shape, dtype=weight.dtype,
@@ -54,20 +55,24 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             row_sum = logits.sum(dim=-1, keepdim=True)
             lse = row_max.squeeze(1) + row_sum.squeeze(1).log()
             total += (lse - target_logit).sum()
+            if not (need_h or need_w):  # the loss alone
+                continue
             probs = logits.div_(row_sum)  # softmax; dL/dlogits = p - onehot
             probs[rows, y] -= 1.0
             g = probs if low is None else low[: h.shape[0]].copy_(probs)
-            torch.mm(g, weight, out=grad_h[start:start + chunk])  # (n, H)
+            if need_h:
+                torch.mm(g, weight, out=grad_h[start:start + chunk])  # (n, H)
             if need_w:
                 grad_w.addmm_(g.T.float(), h.float())  # (V, H)
-        ctx.save_for_backward(grad_h, grad_w if need_w else torch.empty(0))
-        ctx.need_w, ctx.w_dtype = need_w, weight.dtype
+        nothing = torch.empty(0)
+        ctx.save_for_backward(grad_h if need_h else nothing, grad_w if need_w else nothing)
+        ctx.need_h, ctx.need_w, ctx.w_dtype = need_h, need_w, weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype)
+        gh = grad_h * grad_out.to(grad_h.dtype) if ctx.need_h else None
         gw = (grad_w * grad_out).to(ctx.w_dtype) if ctx.need_w else None
         return gh, gw, None, None
 
