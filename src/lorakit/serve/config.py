@@ -48,12 +48,13 @@ class ServeConfig:
     """Base weights' dtype: float32 (default: the numbers training and evaluation compute), bfloat16, or auto
     (bfloat16 where this CPU/GPU multiplies bf16 at least 1.3x faster than fp32, measured at start-up, as
     lorakit.hardware.auto_base_dtype decides for training; else float32). LoRA weights stay fp32. A bf16 base
-    halves the weights' memory and, on CPUs with AVX512-BF16 or AMX, speeds decoding up (~1.6x at batch 1 on an
-    AVX512-BF16 EPYC); its outputs differ from the fp32 base's by bf16 rounding."""
+    halves the weights' memory and, on CPUs with AVX512-BF16 or AMX, speeds decoding up (~1.4x on a 2-core
+    AVX512-BF16 EPYC); its outputs differ from the fp32 base's by bf16 rounding, and a row's greedy output can
+    change with the rows decoded beside it (bf16 matmuls round a batch differently from one row)."""
     pack_weights: bool = True
     """Continuous scheduler on a CPU: run the frozen base linears from oneDNN-packed copies of their weights
-    (q|k|v and gate|up fused), about 1.5x faster decoding; costs one more copy of those weights (SmolLM2-135M:
-    +0.54 GB fp32, +0.27 GB bf16). Ignored where oneDNN cannot pack (GPUs, quantized bases)."""
+    (q|k|v and gate|up fused), ~1.4x faster batch-1 decode steps; costs one more copy of those weights
+    (SmolLM2-135M: +538 MB fp32, +269 MB bf16). Ignored where oneDNN cannot pack (GPUs, quantized bases)."""
     max_body_bytes: int = 1_000_000
     """Largest request body; a bigger one gets 413 (a POST without Content-Length gets 411)."""
     max_prompt_tokens: Optional[int] = None

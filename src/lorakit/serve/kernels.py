@@ -2,16 +2,18 @@
 
 A decode step multiplies a few rows by every weight of the model, so it is bound by how fast the weights stream from
 memory. `F.linear` on a CPU re-reads the (out, in) weight in its plain layout at every call; oneDNN can reorder a frozen
-weight once into the blocked layout its kernel reads (`torch.ops.mkldnn._reorder_linear_weight`, the op behind
-`torch.ao`'s and IPEX's packed linears) and multiply from it (`torch.ops.mkldnn._linear_pointwise`). Measured on an
+weight once into the blocked layout its kernel reads (`torch.ops.mkldnn._reorder_linear_weight`, as Inductor's
+CPU weight prepacking does) and multiply from it (`torch.ops.mkldnn._linear_pointwise`). Measured on an
 AVX512-BF16 EPYC, 2 threads, all of SmolLM2-135M's 30 layers at batch 1: 34.5 → 23.1 ms fp32, 26.2 → 16.3 ms bf16;
 with q|k|v and gate|up each fused into one weight (fewer, larger calls), 20.1 ms fp32 and 11.0 ms bf16; the tied
-lm_head 9.3 → 3.7 ms fp32. Results equal `F.linear` up to fp32 rounding (max |Δ| ~1e-5 on SmolLM2's logits) and
-exactly in bf16.
+lm_head 9.3 → 3.7 ms fp32. Results equal `F.linear` up to fp32 rounding (max |Δ| 1.7e-5 on the lm_head's outputs
+for 8 random rows; identical in bf16).
 
 Memory: a packed weight is a copy. The model keeps its own weights (LoRA layers, DoRA, merging and the static batcher
-read them), so packing costs one more copy of every packed linear: for SmolLM2-135M about 0.43 GB in fp32 (0.21 GB
-in bf16), including 0.11 GB (0.06 GB) for the lm_head it shares with the embeddings.
+read them), so packing costs one more copy of every packed linear: for SmolLM2-135M 538 MB in fp32 (269 MB in
+bf16), of which 113 MB (57 MB) is the lm_head it shares with the embeddings (`SlotRunner.packed_bytes`, the
+`lorakit_packed_weight_bytes` gauge of /metrics). In the runner this took a batch-1 decode step with an adapter from
+60.9 to 44.0 ms (fp32) and 40.4 to 29.8 ms (bf16).
 
 Packing is used only where it works: a CPU tensor in float32 or bfloat16, a plain `nn.Linear` (not a quantized one),
 with `torch.backends.mkldnn.is_available()`, and a trial multiplication that equals `F.linear`. Elsewhere (GPUs, other
