@@ -114,13 +114,13 @@ def test_the_probe_finds_a_model_whose_attention_crosses_examples():
 
 
 def test_auto_packs_causal_lm_training_in_one_process_and_says_why():
-    data, note = resolve_packing(DataConfig(), "causal-lm", "none", tiny_llama())
+    data, note = resolve_packing(DataConfig(packing="auto"), "causal-lm", "none", tiny_llama())
     assert data.packing is True and note.startswith("data.packing auto -> true: causal-LM training in one process")
-    assert DataConfig().packing == "auto" and DataConfig().group_by_length is False  # the defaults
+    assert DataConfig().packing is False and DataConfig().group_by_length is False  # the defaults
     for task, distributed, why in (("seq-cls", "none", "task seq-cls"), ("causal-lm", "ddp", "distributed=ddp"),
                                    ("causal-lm", "none", "its attention crosses packed examples")):
         model = tiny_opt() if why.startswith("its attention") else tiny_llama()
-        data, note = resolve_packing(DataConfig(), task, distributed, model)
+        data, note = resolve_packing(DataConfig(packing="auto"), task, distributed, model)
         assert data.packing is False and note.startswith(f"data.packing auto -> false: {why}"), note
 
 
@@ -138,7 +138,7 @@ def test_packing_accepts_true_false_or_auto_only(value):
         DataConfig(packing=value)
 
 
-def test_a_default_run_packs_says_why_and_saves_the_choice(tmp_path, capsys):
+def test_an_auto_run_packs_says_why_and_saves_the_choice(tmp_path, capsys):
     import json
 
     import yaml
@@ -151,7 +151,8 @@ def test_a_default_run_packs_says_why_and_saves_the_choice(tmp_path, capsys):
                             for a in ("cat", "dog", "bird") for b in ("tree", "house", "car red big")))
     config = TrainConfig.from_dict({"output_dir": str(tmp_path / "run"), "tensorboard": False, "progress": False,
                                     "base_dtype": "fp32", "save_every": 0, "eval_every": 0,
-                                    "data": {"train_file": str(data)}, "optim": {"batch_size": 4, "max_steps": 2}})
+                                    "data": {"train_file": str(data), "packing": "auto"},
+                                    "optim": {"batch_size": 4, "max_steps": 2}})
     result = train(config, lk.add_lora(tiny_llama(), lk.LoraConfig(r=4, alpha=8)), tiny_tokenizer())
     why = "data.packing auto -> true: causal-LM training in one process, and the model keeps packed examples apart"
     assert why in capsys.readouterr().out
