@@ -172,8 +172,9 @@ class Engine:
             if not live:
                 return
             self.runner.ensure_capacity(max(s.reserved for s in live), self.scheduler.max_row_tokens)
-            self.runner.refresh_adapters(self.adapters.version)
-            self.runner.refresh_weights()
+            if self.adapters.version != self.runner.tables_version:  # the server changes base weights only by
+                self.runner.refresh_adapters(self.adapters.version)  # loading adapters (PiSSA/OLoRA residuals), so
+                self.runner.refresh_weights()  # repacking is checked then, not by walking every layer each step
             decode = [s for s in step.decode if s.slot is not None]
             if decode:
                 logits.append(self.runner.decode([s.slot for s in decode], [s.output[-1] for s in decode],
