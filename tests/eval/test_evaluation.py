@@ -127,6 +127,17 @@ def test_predict_classes_matches_model_and_ignores_batching():
     assert predict_classes(model, tok, texts, batch_size=1) == preds
 
 
+def random_adapters(root, seeds=(1, 2)) -> list[str]:
+    """Adapter folders root/ad<seed> on the tiny Llama, each with random B so that it changes the outputs."""
+    paths = []
+    for seed in seeds:
+        model = tiny_llama()
+        lk.add_lora(model, lk.LoraConfig(r=2, alpha=4))
+        randomize_lora_B(model, std=2.0, seed=seed)
+        paths.append(str(lk.save_adapter(model, root / f"ad{seed}")))
+    return paths
+
+
 def test_evaluate_many_base_adapters_and_merged(tmp_path):
     folder = save_tiny_lm(tmp_path / "tiny")
     data = tmp_path / "data" / "e2e"
@@ -135,12 +146,7 @@ def test_evaluate_many_base_adapters_and_merged(tmp_path):
                                                                                           "near the river is a pub"]},
             {"meaning_representation": "name[a cafe], price[low]", "references": ["a cafe with a low price"]}]
     (data / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    paths = []
-    for seed in (1, 2):
-        model = tiny_llama()
-        lk.add_lora(model, lk.LoraConfig(r=2, alpha=4))
-        randomize_lora_B(model, std=2.0, seed=seed)
-        paths.append(str(lk.save_adapter(model, tmp_path / f"ad{seed}")))
+    paths = random_adapters(tmp_path)
     config = EvalConfig(task="e2e", data_dir=str(tmp_path / "data"), metrics=["bleu", "rouge_l"],
                         generation=GenerationConfig(max_new_tokens=5))
     report = evaluate_many(config, model=str(folder), adapters=paths, out_dir=tmp_path / "out")

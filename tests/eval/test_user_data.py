@@ -19,7 +19,7 @@ from lorakit.errors import LorakitError
 from lorakit.eval.evaluate import (EvalConfig, GenerationConfig, evaluate_many, generate, generation_metrics,
                                    label_metrics, predict_choices)
 from lorakit.inference.generate import encode_chat
-from test_evaluation import one_thread  # noqa: F401 (fixture: tiny matrices run faster on one thread)
+from test_evaluation import one_thread, random_adapters  # noqa: F401 (one_thread: a fixture; tiny matrices run faster on one thread)
 from tiny_text import save_tiny_lm, tiny_tokenizer
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -30,13 +30,7 @@ def lm(tmp_path_factory):
     """A tiny causal LM folder and two adapters that change its outputs."""
     root = tmp_path_factory.mktemp("lm")
     folder = save_tiny_lm(root / "tiny")
-    adapters = []
-    for seed in (1, 2):
-        model = tiny_llama()
-        lk.add_lora(model, lk.LoraConfig(r=2, alpha=4))
-        randomize_lora_B(model, std=2.0, seed=seed)
-        adapters.append(str(lk.save_adapter(model, root / f"ad{seed}")))
-    return str(folder), adapters
+    return str(folder), random_adapters(root)
 
 
 def write_jsonl(path, rows):
