@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from conftest import randomize_lora_B, tiny_bert, tiny_llama
+from conftest import tiny_bert
 from lorakit.cli.main import main
 from lorakit.data.benchmarks import GLUE_TASKS
 from lorakit.data.records import prompt_ids
