@@ -58,6 +58,11 @@ class OptimConfig:
     """Examples per micro-batch."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; the loss is averaged over all their target tokens."""
+    max_batch_tokens: int | None = 1024
+    """Activation memory bound: at most this many tokens (rows × padded length) per forward/backward pass. A
+    micro-batch above it is split, its rows sorted by length, into passes whose gradients add up in the same
+    optimizer step, weighted by target tokens as grad_accum's are: same loss and update as the whole micro-batch, to
+    float rounding. A single example longer than the budget runs alone. null: never split."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this (None: no clipping)."""
     epochs: int = 1
@@ -94,6 +99,9 @@ class OptimConfig:
         for name in ("batch_size", "grad_accum", "epochs"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 out.append(f"{prefix}{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.max_batch_tokens is not None and (not is_int(self.max_batch_tokens) or self.max_batch_tokens < 1):
+            out.append(f"{prefix}max_batch_tokens must be a positive integer (tokens per forward pass, e.g. 1024) or "
+                       f"null (never split a micro-batch), got {self.max_batch_tokens!r}")
         if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
             out.append(f"{prefix}max_steps must be a positive integer or null, got {self.max_steps!r}")
         if self.max_grad_norm is not None and (not is_number(self.max_grad_norm) or self.max_grad_norm <= 0):

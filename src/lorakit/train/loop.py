@@ -388,28 +388,72 @@ def _next_micro_batches(run: Run) -> list[dict[str, torch.Tensor]]:
 
 def _accumulate_gradients(run: Run, micro_batches: list[dict[str, torch.Tensor]]
                           ) -> tuple[float, float | str | None, int]:
-    """Forward and backward over the micro-batches, weighting each by its share of the step's target tokens.
+    """Forward and backward over the micro-batches, each split into passes of at most `optim.max_batch_tokens`
+    tokens, weighting each pass by its share of the step's target tokens.
     Returns (loss, the non-finite loss that stopped it or None, tokens seen on all ranks)."""
     n_targets = sum(loss_tokens(b) for b in micro_batches)
-    step_loss, bad_loss, tokens_seen = 0.0, None, 0
-    for i, b in enumerate(micro_batches):
-        b = dist.local_rows(b)  # under torchrun: this rank's rows of the global micro-batch
-        with autocast(run.config), dist.no_sync(run.engine, skip=i < len(micro_batches) - 1):
+    budget, world = run.config.optim.max_batch_tokens, dist.world_size()
+    passes = [p for b in micro_batches for p in split_batch(b, budget, world)]
+    step_loss, bad_loss = 0.0, None
+    for i, b in enumerate(passes):
+        b = dist.local_rows(b)  # under torchrun: this rank's rows of the global pass
+        with autocast(run.config), dist.no_sync(run.engine, skip=i < len(passes) - 1):
             loss = run.engine(b)
             share = loss_tokens(b) / n_targets
             if share == 0:  # no targets in this rank's rows: contribute zero gradient, but take part
                 loss = torch.nan_to_num(loss, nan=0.0) * 0.0
-            weighted, bad, tokens = dist.all_sum([float(loss.detach()) * share, float(not torch.isfinite(loss)),
-                                                  float(b["num_tokens"] if "num_tokens" in b else
-                                                        b["attention_mask"].sum())])
+            weighted, bad = dist.all_sum([float(loss.detach()) * share, float(not torch.isfinite(loss))])
             if bad:  # decided from all ranks' losses, so every rank leaves the step here together
                 bad_loss = float(loss.detach()) if not torch.isfinite(loss) else "non-finite on another rank"
                 break
             # DDP and FSDP2 average gradients over ranks; the sum over ranks is the full-batch gradient
-            (loss * (share * dist.world_size())).backward()
+            (loss * (share * world)).backward()
         step_loss += weighted
-        tokens_seen += int(tokens)  # over all ranks
+    tokens_seen = sum(int(b["num_tokens"] if "num_tokens" in b else b["attention_mask"].sum()) for b in micro_batches)
     return step_loss, bad_loss, tokens_seen
+
+
+def split_batch(batch: dict[str, torch.Tensor], max_tokens: int | None, world: int = 1
+                ) -> list[dict[str, torch.Tensor]]:
+    """A micro-batch as forward passes of at most `max_tokens` tokens (rows × padded length) per process.
+
+    Unchanged (one pass, the same tensors) when it fits or `max_tokens` is None. Otherwise its rows, longest first,
+    fill passes in turn; each pass is cut after the last unmasked column of its rows and holds at least `world` rows,
+    so every process of a distributed run gets a row of each pass. A row longer than the budget makes a pass alone.
+    Packed batches (no attention mask) keep their width. The passes' losses, weighted by their target tokens
+    (`loss_tokens`), add up to the micro-batch's.
+    """
+    ids = batch["input_ids"]
+    n_rows, width = ids.shape
+    if max_tokens is None or math.ceil(n_rows / world) * width <= max_tokens:
+        return [batch]
+    mask = batch.get("attention_mask")  # a row's extent: up to its last unmasked position (packed rows: all)
+    lengths = ((mask != 0) * torch.arange(1, width + 1)).amax(dim=1).tolist() if mask is not None else [width] * n_rows
+    order = sorted(range(n_rows), key=lambda r: -lengths[r])
+    groups: list[list[int]] = [[]]
+    for r in order:
+        group = groups[-1]
+        if len(group) >= world and math.ceil((len(group) + 1) / world) * lengths[group[0]] > max_tokens:
+            groups.append(group := [])
+        group.append(r)
+    if len(groups) > 1 and len(groups[-1]) < world:  # too few rows left for every process: join the previous pass
+        groups[-2] += groups.pop()
+    if len(groups) == 1:
+        return [batch]
+    return [_rows_of(batch, rows, lengths[rows[0]]) for rows in groups]
+
+
+def _rows_of(batch: dict[str, torch.Tensor], rows: list[int], width: int) -> dict[str, torch.Tensor]:
+    """The given rows of a batch, its (rows, T) tensors cut to `width` columns; per-batch scalars (num_tokens) are
+    left out: tokens are counted on the whole micro-batch."""
+    index, full = torch.tensor(rows), batch["input_ids"].shape[1]
+    out = {}
+    for key, value in batch.items():
+        if value.dim() == 0:
+            continue
+        value = value.index_select(0, index)
+        out[key] = value[:, :width] if value.dim() == 2 and value.shape[1] == full else value
+    return out
 
 
 def validate(run: Run) -> dict[str, float]:
