@@ -53,3 +53,51 @@ def test_fused_gated_mlp_is_bit_identical_and_saves_memory():
 
 def test_models_without_gated_mlp_are_left_alone():
     assert fuse_gated_mlp(tiny_gpt2()) == 0
+
+
+def _bf16_llama_with_lora(**lora):
+    from lorakit.lora.injection import cast_base
+
+    model = tiny_llama()
+    model.config._attn_implementation = "eager"
+    lk.add_lora(model, lk.LoraConfig(r=4, target_modules="all-linear", **lora))
+    randomize_lora_B(model, std=0.1)
+    return cast_base(model, torch.bfloat16).train()
+
+
+def test_low_precision_inputs_are_bit_identical_and_keep_bf16_not_fp32_copies():
+    from lorakit.models.fused import keep_low_precision_inputs
+
+    model = _bf16_llama_with_lora()
+    ids = torch.randint(1, 97, (3, 16), generator=torch.Generator().manual_seed(0))
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    bytes_ref = _saved_bytes(model, ids)
+    # 2 layers × (2 norms + 7 LoRA layers) + the final norm; idempotent
+    assert keep_low_precision_inputs(model) == 2 * 9 + 1 and keep_low_precision_inputs(model) == 19
+    loss, grads = _loss_and_grads(model, ids)
+    assert torch.equal(loss, loss_ref)
+    assert all(torch.equal(grads[n], grads_ref[n]) for n in grads_ref)
+    tokens, hidden = 3 * 16, model.config.hidden_size
+    # per layer at least: the 2 norms' fp32 input copies (4 bytes) become bf16 inputs (2 bytes), and q, k and v's
+    # three fp32 copies of their input one bf16 tensor: 2 * 2 + 3 * 4 - 2 = 14 bytes per token and hidden unit fewer
+    assert bytes_ref - _saved_bytes(model, ids) >= 2 * 14 * tokens * hidden
+
+
+def test_low_precision_inputs_leave_fp32_bases_dropout_and_dora_to_their_own_forward():
+    from lorakit.models.fused import keep_low_precision_inputs
+
+    ids = torch.randint(1, 97, (3, 16), generator=torch.Generator().manual_seed(0))
+    for model in (_bf16_llama_with_lora(use_dora=True), tiny_llama()):
+        loss_ref, grads_ref = _loss_and_grads(model, ids)
+        keep_low_precision_inputs(model)
+        loss, grads = _loss_and_grads(model, ids)
+        assert torch.equal(loss, loss_ref) and all(torch.equal(grads[n], grads_ref[n]) for n in grads_ref)
+    torch.manual_seed(0)
+    model = _bf16_llama_with_lora(dropout=0.5)
+    keep_low_precision_inputs(model)
+    torch.manual_seed(1)
+    loss, _ = _loss_and_grads(model, ids)
+    torch.manual_seed(1)
+    for module in model.modules():  # back to the class's own methods
+        module.__dict__.pop("delta", None), module.__dict__.pop("forward", None)
+    assert torch.equal(_loss_and_grads(model, ids)[0], loss)

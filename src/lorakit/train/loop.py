@@ -596,13 +596,14 @@ def _load_adapted_model(config: TrainConfig, tokenizer, task: str, train_data: T
 def _prepare_base(model: nn.Module, config: TrainConfig) -> None:
     """The frozen base as configured: bf16 weights, quantized linear layers, fused MLP, gradient checkpointing."""
     from lorakit.lora.injection import cast_base
-    from lorakit.models.fused import fuse_gated_mlp
+    from lorakit.models.fused import fuse_gated_mlp, keep_low_precision_inputs
 
     if config.base_dtype == "bf16":
         cast_base(model, torch.bfloat16)
     if config.quantize:
         _quantize_base(model, config)
     fuse_gated_mlp(model)  # exact: bit-identical gradients, one activation per MLP fewer kept for backward
+    keep_low_precision_inputs(model)  # exact: a bf16 base's norms and LoRA keep bf16 inputs, not fp32 copies
     if config.compile:
         compile_blocks(model)
     if config.gradient_checkpointing:
