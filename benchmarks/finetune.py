@@ -308,6 +308,11 @@ def spawn(python: str, mode: str, spec: dict[str, Any], log: Path, threads: int)
             **json.loads(Path(spec["result_file"]).read_text())}
 
 
+def _budget_label(max_batch_tokens: int | None) -> str:
+    """The token budget per forward pass in lk-default's label (older lorakit had none: every micro-batch whole)."""
+    return f", ≤{max_batch_tokens} tokens per pass" if max_batch_tokens else ""
+
+
 def gemm_peak(threads: int, size: int, repeats: int) -> dict[str, float]:
     """Best-of-`repeats` GFLOP/s of a size^3 matmul in fp32 and bf16 (interleaved, after a warm-up)."""
     import torch
@@ -521,7 +526,8 @@ def train_run(ctx: dict[str, Any], workload: str, targets: str, kind: str) -> di
         if kind == "lk-default":
             row["label"] = (f"lorakit train (defaults: {dtype} base, "
                             f"{'length-grouped' if data_cfg.get('group_by_length') else 'random'} batches, "
-                            f"{'packed' if data_cfg.get('packing') is True else 'padded'})")
+                            f"{'packed' if data_cfg.get('packing') is True else 'padded'}"
+                            f"{_budget_label((resolved.get('optim') or {}).get('max_batch_tokens'))})")
     res.pop("result_file", None)
     row.update(res)
     row["lorakit_commit"] = ctx["source"]["commit"][:10] + ("+" if ctx["source"]["uncommitted_src_files"] else "")

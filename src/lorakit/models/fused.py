@@ -9,7 +9,9 @@ are bit-identical. For SmolLM2-135M at batch 8 × 128 in fp32 that is 189 MB les
 On a bf16 base, RMSNorm and LoRA (whose weights are fp32) cast their bf16 input to fp32 and autograd keeps that copy
 for backward: one per norm and one per adapted projection, even where q, k and v share one input.
 `keep_low_precision_inputs` gives them autograd functions that keep the bf16 input and cast it again in backward,
-running the same ops in the same order, so again values and gradients are bit-identical.
+running the same ops in the same order: each module's values and gradients are bit-identical. Where several
+projections share an input, autograd may add their gradients into it in another order (bf16 rounding): on
+SmolLM2-135M (E2E, 64 steps) the mean training loss moved from 2.13233 to 2.13243.
 """
 
 from __future__ import annotations
@@ -157,7 +159,8 @@ def _lean_lora_delta(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch
 def keep_low_precision_inputs(model: nn.Module) -> int:
     """On a low-precision (bf16) base, let Llama-style RMSNorms and plain LoRA adapters (no dropout, no DoRA) keep
     their bf16 input for backward instead of the fp32 copy their forward makes, with bit-identical values and
-    gradients: half the bytes, and one tensor for projections that share an input (q, k, v) instead of a copy each.
+    gradients per module (see the module docstring for inputs shared by several projections): half the bytes, and
+    one tensor for projections that share an input (q, k, v) instead of a copy each.
     Elsewhere (fp32 inputs, other variants, dropout) the modules run their own forward. Returns how many modules were
     changed (idempotent)."""
     count = 0

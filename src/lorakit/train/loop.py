@@ -603,7 +603,7 @@ def _prepare_base(model: nn.Module, config: TrainConfig) -> None:
     if config.quantize:
         _quantize_base(model, config)
     fuse_gated_mlp(model)  # exact: bit-identical gradients, one activation per MLP fewer kept for backward
-    keep_low_precision_inputs(model)  # exact: a bf16 base's norms and LoRA keep bf16 inputs, not fp32 copies
+    keep_low_precision_inputs(model)  # same ops: a bf16 base's norms and LoRA keep bf16 inputs, not fp32 copies
     if config.compile:
         compile_blocks(model)
     if config.gradient_checkpointing:
