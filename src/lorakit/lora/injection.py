@@ -17,8 +17,8 @@ from torch import nn
 
 from lorakit.lora.config import LoraConfig
 from lorakit.errors import LorakitError
-from lorakit.lora.layers import (ADAPTER_LAYERS, LORA_LAYERS, LoraEmbedding, LoraLinear, ModulesToSave, is_conv1d,
-                                 is_quantized_weight)
+from lorakit.lora.layers import (ADAPTER_LAYERS, LORA_LAYERS, LoraEmbedding, LoraLinear, ModulesToSave, SharedInput,
+                                 is_conv1d, is_quantized_weight)
 
 # The paper's choice (W_q, W_v) for architectures we know, used when `target_modules` is None.
 DEFAULT_TARGETS = {
@@ -28,6 +28,9 @@ DEFAULT_TARGETS = {
     "opt": ["q_proj", "v_proj"], "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"],
 }
 HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs")
+# Sibling projections that read the same input: their LoRA A's run as one matmul (lorakit.lora.layers.SharedInput).
+# A pair that reads different inputs (T5's cross-attention k, v) still computes exactly, just without the saving.
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"), ("q", "k", "v"))
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block|transformer_blocks)\.(\d+)(?:\.|$)")
 
 
@@ -186,11 +189,23 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter: str = 
             set_submodule(model, name, module)
         module.add_adapter(adapter)
 
+    _share_inputs(model)
     configs[adapter] = config
     model.lora_configs = configs
     set_adapter(model, active_adapter(model) or adapter)  # also routes the newly wrapped layers
     _mark_trainable(model, adapter)
     return model
+
+
+def _share_inputs(model: nn.Module) -> None:
+    """Give the LoRA layers of each SHARED_INPUTS set under one parent (two or more of them) one SharedInput."""
+    for parent in model.modules():
+        for names in SHARED_INPUTS:
+            members = [getattr(parent, n) for n in names if isinstance(getattr(parent, n, None), LoraLinear)]
+            if len(members) >= 2 and any(m.shared_input is None or m.shared_input.members != members for m in members):
+                group = SharedInput(members)
+                for member in members:
+                    member.shared_input = group
 
 
 def _check_variant_fits(config: LoraConfig, configs: dict[str, LoraConfig], targets) -> None:

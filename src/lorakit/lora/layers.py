@@ -5,7 +5,8 @@ so adapter files map one-to-one onto PEFT's.
 
 Routing state lives on each layer and is set by the model-level functions in `lorakit.lora.injection`:
 `active_adapter` (name or None), `disabled`, `merged_adapters`, and `row_groups` for mixed batches.
-What a DoRA adapter or a PiSSA/OLoRA init changes is in `lorakit.lora.variants`.
+What a DoRA adapter or a PiSSA/OLoRA init changes is in `lorakit.lora.variants`. Layers that read one input (a
+block's q, k, v; an MLP's gate, up) share a `SharedInput`, which runs their A's as one matmul.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class _AdapterRouting:
         self.merged_adapters: list[str] = []
         self.row_groups: dict[str, torch.Tensor] | None = None  # adapter -> row indices, for a mixed batch
         self.row_count = 0
+        self.shared_input: SharedInput | None = None  # the LoRA layers reading the same input as this one
 
     def _check_rows(self, batch: int) -> None:
         if batch != self.row_count:
@@ -76,6 +78,8 @@ class _LoraLayer(nn.Module, _AdapterRouting):
         name = self.active_adapter
         if name is None or name in self.merged_adapters:  # nothing to add, or it is in the base weight already
             return y
+        if self.shared_input is not None and self.shared_input.fuses(self, name):  # q, k, v: one A matmul for all
+            return y + self.shared_input.delta(self, name, x).to(y.dtype)
         return y + self.delta(name, x, y).to(y.dtype)
 
     def merge(self, name: str) -> None:
@@ -270,6 +274,76 @@ class LoraEmbedding(_LoraLayer):
 
 
 _PLAIN = LoraVariant()  # plain LoRA keeps no state, so all embedding adapters share one
+
+
+class _SharedProjection(torch.autograd.Function):
+    """x Aᵀ in A's dtype, keeping x in its own dtype for backward (a bf16 base's activation is cast again there
+    instead of kept as an fp32 copy). The gradients are autograd's for `F.linear(x.to(A.dtype), A)`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, a)
+        return F.linear(x.to(a.dtype), a)  # (..., Σr)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, a = ctx.saved_tensors
+        grad_x = grad.matmul(a).to(x.dtype) if ctx.needs_input_grad[0] else None  # (..., in)
+        grad_a = (grad.reshape(-1, grad.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]).to(a.dtype))
+                  if ctx.needs_input_grad[1] else None)  # (Σr, in)
+        return grad_x, grad_a
+
+
+def _plain_and_on(layer: LoraLinear, name: str) -> bool:
+    """Adapter `name` runs on `layer` in this forward as plain LoRA without dropout (what fusing computes)."""
+    return (layer.active_adapter == name and name not in layer.merged_adapters and not layer.disabled
+            and layer.row_groups is None and type(layer.variants.get(name)) is LoraVariant
+            and isinstance(layer.lora_dropout[name], nn.Identity))
+
+
+class SharedInput:
+    """LoRA layers that read the same input (a block's q, k, v; an MLP's gate, up), set up by `add_lora`.
+
+    Each layer alone casts the input to the LoRA dtype, runs its own A and keeps its own copy for backward. Here the
+    first member called on an input runs one matmul with the members' A's stacked ((Σr, in), in member order) and
+    keeps the input once; each member takes its r columns of the result and applies its own B and scale. The
+    values and gradients are those of the separate layers up to float summation order, and parameter names, state
+    dicts and adapter files do not change (the group holds no tensors of its own).
+
+    Members are fused only where adapter `name` is plain LoRA without dropout on at least two of them; a DoRA
+    adapter, dropout (each layer draws its own mask), a mixed batch and torch.compile (whose tracing would not see
+    this cache) take each layer's own path. The result is cached for one input: the same tensor object, unchanged
+    (its version), the same adapter and grad mode; it is dropped once every member has taken its part.
+    """
+
+    def __init__(self, members: list[LoraLinear]):
+        self.members = members
+        self._key: tuple | None = None  # (input, its version, adapter, grad enabled) of the cached result
+        self._fused: list[LoraLinear] = []  # the members in the cached result, in order
+        self._after_a: torch.Tensor | None = None  # (..., Σr)
+        self._served: set[int] = set()  # id() of the members that took their part of the cached result
+
+    def fuses(self, layer: LoraLinear, name: str) -> bool:
+        """Whether `layer`'s adapter `name` runs in the group's matmul in this forward."""
+        return (not torch.compiler.is_compiling() and _plain_and_on(layer, name)
+                and sum(_plain_and_on(m, name) for m in self.members) >= 2)
+
+    def delta(self, layer: LoraLinear, name: str, x: torch.Tensor) -> torch.Tensor:
+        """s·B(A x) of `layer` (in the LoRA dtype), its A x from the group's matmul on `x`."""
+        key = (x, x._version, name, torch.is_grad_enabled())
+        cached = self._key is not None and self._key[0] is x and self._key[1:] == key[1:]
+        if not cached or layer not in self._fused or id(layer) in self._served:
+            self._fused = [m for m in self.members if _plain_and_on(m, name)]
+            a = torch.cat([m.lora_A[name].weight for m in self._fused])  # (Σr, in)
+            grad = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad)
+            self._after_a = _SharedProjection.apply(x, a) if grad else F.linear(x.to(a.dtype), a)  # (..., Σr)
+            self._key, self._served = key, set()
+        self._served.add(id(layer))
+        start = sum(m.r[name] for m in self._fused[:self._fused.index(layer)])
+        after_a = self._after_a[..., start:start + layer.r[name]]  # (..., r)
+        if len(self._served) == len(self._fused):  # every member has its part: keep nothing past this forward
+            self._key, self._after_a = None, None
+        return layer.lora_B[name](after_a * layer.scaling[name])  # (..., out); scaled on r columns, not on out
 
 
 class ModulesToSave(nn.Module, _AdapterRouting):
