@@ -810,6 +810,7 @@ def main(argv: list[str] | None = None) -> None:
                     ctx["notes"].append(f"{key}: skipped, this lorakit has no {needs.replace('_', ' ')} yet")
                     print(ctx["notes"][-1], flush=True)
                     continue
+                ctx["notes"] = [n for n in ctx["notes"] if n.split(":")[0] != key]  # notes on the old row
                 try:
                     rows[key] = train_run(ctx, workload, targets, kind)
                     adapters[key] = {"dir": rows[key]["adapter_dir"], "workload": workload}
