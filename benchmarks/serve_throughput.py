@@ -131,12 +131,12 @@ class Server:
     vLLM's OpenAI server in its own venv on the same base (saved as a Hugging Face folder) and adapter folders."""
 
     def __init__(self, scheduler: str, adapters_dir: Path, model: str, threads: int, batch: int, dtype: str,
-                 vllm: tuple[str, Path] | None = None):
+                 prefill_tokens: int = 256, vllm: tuple[str, Path] | None = None):
         self.port = free_port()
         self.log = tempfile.NamedTemporaryFile(prefix="serve-throughput-", suffix=".log", delete=False)
         if vllm is None:
             config = dict(model=model, adapters_dir=str(adapters_dir), port=self.port, scheduler=scheduler,
-                          dtype=dtype, max_batch_size=batch, max_tokens_limit=512, max_step_tokens=batch + 256,
+                          dtype=dtype, max_batch_size=batch, max_tokens_limit=512, max_step_tokens=batch + prefill_tokens,
                           prefill_chunk=256)
             code = ("import sys; from lorakit.serve.server import ServeConfig, serve; "
                     f"serve(ServeConfig(**{config!r}))")
@@ -421,6 +421,9 @@ def main() -> None:
     parser.add_argument("--max-new", type=int, nargs=2, default=[16, 128])
     parser.add_argument("--adapters", type=int, default=16)
     parser.add_argument("--batch", type=int, default=32, help="max_batch_size of the lorakit servers")
+    parser.add_argument("--prefill-tokens", type=int, default=256,
+                        help="prompt tokens a step of the lorakit servers may prefill beside its decode rows "
+                             "(max_step_tokens = --batch + this; chunks of 256)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--alone", type=int, default=8, help="requests re-run one at a time for the identity check")
     parser.add_argument("--model", default="smollm2-135m")
@@ -473,7 +476,7 @@ def main() -> None:
                                          args.threads, args.llama_python)
         for scheduler in args.servers:
             kind, dtype = scheduler.split("-")[0], "bfloat16" if scheduler.endswith("bf16") else "float32"
-            server = Server(kind, folder, args.model, args.threads, args.batch, dtype,
+            server = Server(kind, folder, args.model, args.threads, args.batch, dtype, args.prefill_tokens,
                             vllm=(args.vllm_python, Path(tmp) / "base") if kind == "vllm" else None)
             mine = []
             if args.single:
@@ -504,6 +507,8 @@ def main() -> None:
             rss = server.stop()
             for row in mine:
                 row["peak_rss_mib"] = round(rss)
+                if kind != "vllm":
+                    row.update(max_batch_size=args.batch, max_step_tokens=args.batch + args.prefill_tokens)
             new_rows += mine
     replaced = {key(r) for r in new_rows}
     data["rows"] = [r for r in data["rows"] if key(r) not in replaced] + new_rows

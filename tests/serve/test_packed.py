@@ -124,3 +124,21 @@ def test_without_packing_the_runner_runs_plain_f_linear(monkeypatch):
     assert greedy(runner, rows, 8) == want
     assert runner.packed_head is None and runner.packed_bytes == 0
     assert all(p is None for group in runner.packed for p in group.values())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
+def test_runner_logits_equal_the_models_own_forward(dtype, tol):
+    """Prefill and batch-1 decode (no attention mask) with the runner's fused RMSNorm and rolled rotary compute the
+    logits of transformers' forward of the whole sequence, with an adapter on."""
+    model = model_with_adapters().to(dtype)
+    prompt, adapter = PROMPTS[2], "lora"
+    runner = SlotRunner(model, 1, pack=False)
+    runner.ensure_capacity(len(prompt) + 4)
+    runner.refresh_adapters(0)
+    got = [runner.prefill(0, prompt, 0, adapter, True)]
+    tokens = [11, 23, 5]
+    for i, token in enumerate(tokens):
+        got.append(runner.decode([0], [token], [len(prompt) + i], [adapter])[0])
+    with torch.no_grad(), lk.adapters_per_row(model, [adapter]):
+        want = model(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:].float()
+    torch.testing.assert_close(torch.stack(got), want, rtol=tol, atol=tol)
