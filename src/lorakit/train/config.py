@@ -58,7 +58,7 @@ class OptimConfig:
     """Examples per micro-batch."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; the loss is averaged over all their target tokens."""
-    max_batch_tokens: int | None = 512
+    max_batch_tokens: int | None = 448
     """Activation memory bound: at most this many tokens (rows × padded length) per forward/backward pass. A
     micro-batch above it is split, its rows sorted by length, into passes whose gradients add up in the same
     optimizer step, weighted by target tokens as grad_accum's are: same loss and update as the whole micro-batch, to
