@@ -11,8 +11,8 @@ resume are those of an unpacked run; only padding goes. How much goes depends on
 random batches of 8 (the default) of WebNLG rendered as chat (61-318 tokens) go from 36% padding to 20%, of E2E
 (30-106 tokens) from 27% to 23%; length-grouped batches have little padding to lose.
 
-That is against whole padded micro-batches (`optim.max_batch_tokens: null`). Under the default token budget (512
-tokens per pass) the training loop splits a padded micro-batch into passes of rows sorted by length, each cut to
+That is against whole padded micro-batches (`optim.max_batch_tokens: null`). Under a token budget of 512
+tokens per pass (the default is 448) the training loop splits a padded micro-batch into passes of rows sorted by length, each cut to
 its longest row, which pads less than packing: 11% on the chat set and 17% on E2E, against packed rows' 20% and
 23% (packed rows keep their width), so packed micro-batches run 11% / 9% more positions there. Choosing per
 micro-batch (pack where it removes at least 20% of the padded positions) would pack 0 of 24 chat and 1 of 64 E2E

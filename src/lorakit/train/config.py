@@ -63,7 +63,7 @@ class OptimConfig:
     micro-batch above it is split, its rows sorted by length, into passes whose gradients add up in the same
     optimizer step, weighted by target tokens as grad_accum's are: same loss and update as the whole micro-batch, to
     float rounding. A single example longer than the budget runs alone. null: never split. Sorted passes also pad
-    less: on SmolLM2-135M (batch 8, bf16 base, 2 CPU threads) 512 was faster than whole micro-batches and leaner,
+    less: on SmolLM2-135M (batch 8, bf16 base, 2 CPU threads) 448 was faster than whole micro-batches and leaner,
     on E2E (~8 × 90 tokens) and on long chat examples alike (benchmarks/README.md, "Training speed and memory")."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this (None: no clipping)."""
