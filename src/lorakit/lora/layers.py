@@ -294,6 +294,14 @@ class _SharedProjection(torch.autograd.Function):
         return grad_x, grad_a
 
 
+def project_keeping_input(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x.to(a.dtype), a)` with the same values and gradients, but where gradients flow a low-precision x is
+    kept for backward as it is (cast again there), not as the copy in A's dtype."""
+    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
+        return _SharedProjection.apply(x, a)
+    return F.linear(x.to(a.dtype), a)
+
+
 def _plain_and_on(layer: LoraLinear, name: str) -> bool:
     """Adapter `name` runs on `layer` in this forward as plain LoRA without dropout (what fusing computes)."""
     return (layer.active_adapter == name and name not in layer.merged_adapters and not layer.disabled
@@ -335,8 +343,7 @@ class SharedInput:
         if not cached or layer not in self._fused or id(layer) in self._served:
             self._fused = [m for m in self.members if _plain_and_on(m, name)]
             a = torch.cat([m.lora_A[name].weight for m in self._fused])  # (Σr, in)
-            grad = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad)
-            self._after_a = _SharedProjection.apply(x, a) if grad else F.linear(x.to(a.dtype), a)  # (..., Σr)
+            self._after_a = project_keeping_input(x, a)  # (..., Σr)
             self._key, self._served = key, set()
         self._served.add(id(layer))
         start = sum(m.r[name] for m in self._fused[:self._fused.index(layer)])

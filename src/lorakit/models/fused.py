@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.lora.layers import LoraLinear
+from lorakit.lora.layers import LoraLinear, project_keeping_input
 from lorakit.lora.variants import LoraVariant
 
 
@@ -120,35 +120,10 @@ def unfuse_gated_mlp(model: nn.Module) -> int:
     return count
 
 
-class _LowRankDelta(torch.autograd.Function):
-    """scale · (x A^T) B^T computed in A's dtype (fp32), keeping x in its own dtype (a bf16 base's activations) for
-    backward and casting it again there, instead of keeping the fp32 copy the cast made."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-        h = F.linear(x.to(a.dtype), a)  # (..., r)
-        ctx.save_for_backward(x, a, b, h)
-        ctx.scale = scale
-        return F.linear(h, b) * scale
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, a, b, h = ctx.saved_tensors
-        g = grad * ctx.scale  # (..., out)
-        grad_h = g.matmul(b)  # (..., r)
-        grad_b = g.reshape(-1, g.shape[-1]).t().mm(h.reshape(-1, h.shape[-1])) if ctx.needs_input_grad[2] else None
-        grad_a = (grad_h.reshape(-1, grad_h.shape[-1]).t().mm(x.to(a.dtype).reshape(-1, x.shape[-1]))
-                  if ctx.needs_input_grad[1] else None)
-        grad_x = grad_h.matmul(a).to(x.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_a, grad_b, None
-
-
 def low_rank_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """scale · B(A(x)) in A's dtype: what `LoraLinear.lora_delta(name, x.to(A.dtype))` computes, with the same values
     and gradients, but a low-precision x is kept for backward as it is, not as an fp32 copy."""
-    if torch.is_grad_enabled() and x.dtype != a.dtype and (x.requires_grad or a.requires_grad or b.requires_grad):
-        return _LowRankDelta.apply(x, a, b, scale)
-    return F.linear(F.linear(x.to(a.dtype), a), b) * scale
+    return F.linear(project_keeping_input(x, a), b) * scale  # autograd keeps only the (..., r) projection
 
 
 class _RmsNorm(torch.autograd.Function):
