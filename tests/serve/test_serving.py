@@ -169,3 +169,22 @@ def test_bad_fields_are_422(live):
         client.chat.completions.create(model="alpha", messages=[{"role": "wizard", "content": "hi"}])
     r = httpx.post(live["url"] + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and "error" in r.json()
+
+
+def test_adapter_loads_asked_over_http_run_on_the_engine_thread(live, monkeypatch):
+    """One thread runs every model operator (a second OpenMP team slows every forward); admin loads and unloads are
+    handed to the engine's thread."""
+    import threading
+
+    import lorakit.lora.adapter_io as adapter_io
+    import lorakit.lora.injection as injection
+
+    seen, load, delete = [], adapter_io.load_adapter, injection.delete_adapter
+    monkeypatch.setattr(adapter_io, "load_adapter", lambda *a, **k: (seen.append(threading.get_ident()), load(*a, **k))[1])
+    monkeypatch.setattr(injection, "delete_adapter", lambda *a, **k: (seen.append(threading.get_ident()),
+                                                                      delete(*a, **k))[1])
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert httpx.post(live["url"] + "/admin/adapters", json={"name": "gamma"}, headers=auth).status_code == 200
+    assert httpx.delete(live["url"] + "/admin/adapters/gamma", headers=auth).status_code == 200
+    engine = live["engine"]
+    assert seen == [engine.owner, engine.owner] and engine.owner == engine.worker.ident != threading.get_ident()

@@ -1,8 +1,9 @@
 """Which adapters are resident on the served model: names → folders inside the adapters directory, runtime load and
 unload, and the LRU cache that loads an adapter on demand and evicts idle ones beyond `max_adapter_mb`.
 
-Every change to the model holds `model_lock` (the engine holds it while it runs a step); `lock` guards the
-bookkeeping and is always taken after `model_lock` when both are held.
+Every change to the model holds `model_lock` (the engine holds it while it runs a step) and runs through `call`
+(the engine's: on its own thread, so that one thread runs the model's operators); `lock` guards the bookkeeping and is
+always taken after `model_lock` when both are held.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import itertools
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from torch import nn
 
@@ -25,8 +27,9 @@ class _CacheFull(Exception):
 
 
 class AdapterCache:
-    def __init__(self, model: nn.Module, config: ServeConfig, model_lock: threading.Lock, metrics: Metrics):
-        self.model, self.config, self.model_lock, self.metrics = model, config, model_lock, metrics
+    def __init__(self, model: nn.Module, config: ServeConfig, model_lock: threading.Lock, metrics: Metrics,
+                 call: Callable[[Callable[[], Any]], Any] = lambda fn: fn()):
+        self.model, self.config, self.model_lock, self.metrics, self.call = model, config, model_lock, metrics, call
         self.adapters_dir = Path(config.adapters_dir).resolve()
         self.base_name = config.base_name or Path(config.model.rstrip("/")).name
         self.lock = threading.Lock()
@@ -66,8 +69,11 @@ class AdapterCache:
         if not (folder / "adapter_config.json").is_file():
             raise ServeError(404, f"No adapter folder {name!r} in the adapters directory; available: "
                                   f"{self.available()}.", "adapter_not_found", "name")
-        with self.model_lock:
-            self._load_locked(name, folder)
+        def load() -> None:
+            with self.model_lock:
+                self._load_locked(name, folder)
+
+        self.call(load)
 
     def _load_locked(self, name: str, folder: Path) -> None:
         """Load under model_lock, first evicting least recently used idle adapters if the cache limit needs it."""
@@ -110,14 +116,18 @@ class AdapterCache:
         from lorakit.lora.injection import delete_adapter
 
         self.folder(name)
-        with self.model_lock:
-            if name not in self.loaded():
-                raise ServeError(404, f"Adapter {name!r} is not loaded; loaded: {self.loaded()}.", "adapter_not_found",
-                                 "name")
-            delete_adapter(self.model, name)
-            self.version += 1
-            with self.lock:
-                self._forget(name)
+
+        def unload() -> None:
+            with self.model_lock:
+                if name not in self.loaded():
+                    raise ServeError(404, f"Adapter {name!r} is not loaded; loaded: {self.loaded()}.",
+                                     "adapter_not_found", "name")
+                delete_adapter(self.model, name)
+                self.version += 1
+                with self.lock:
+                    self._forget(name)
+
+        self.call(unload)
 
     def acquire(self, model_id: str, rows: int = 1) -> str | None:
         """resolve, plus the cache: mark the adapter used by `rows` rows (it cannot be evicted until each is
@@ -131,18 +141,21 @@ class AdapterCache:
                 self.last_used[adapter] = next(self.ticks)
                 self.metrics.inc("lorakit_adapter_cache_hits_total")
                 return adapter
+        def load_and_mark() -> None:
+            with self.model_lock:  # loads and evictions happen under model_lock: it stays between check and mark
+                if adapter not in self.loaded():
+                    self._load_locked(adapter, self.folder(adapter))
+                    self.metrics.inc("lorakit_adapter_cache_misses_total")
+                else:
+                    self.metrics.inc("lorakit_adapter_cache_hits_total")
+                with self.lock:
+                    self.in_use[adapter] = self.in_use.get(adapter, 0) + rows
+                    self.last_used[adapter] = next(self.ticks)
+
         deadline = time.monotonic() + self.config.adapter_wait_s
         while True:
             try:
-                with self.model_lock:  # loads and evictions happen under model_lock: it stays between check and mark
-                    if adapter not in self.loaded():
-                        self._load_locked(adapter, self.folder(adapter))
-                        self.metrics.inc("lorakit_adapter_cache_misses_total")
-                    else:
-                        self.metrics.inc("lorakit_adapter_cache_hits_total")
-                    with self.lock:
-                        self.in_use[adapter] = self.in_use.get(adapter, 0) + rows
-                        self.last_used[adapter] = next(self.ticks)
+                self.call(load_and_mark)
                 return adapter
             except _CacheFull:  # every resident adapter is in use: wait (without the model) for one to go idle
                 with self.idle:

@@ -16,8 +16,9 @@ from lorakit.serve.http import create_app
 __all__ = ["ServeConfig", "ServeError", "Engine", "Job", "create_app", "build_engine", "serve"]
 
 
-def build_engine(config: ServeConfig) -> Engine:
-    """Load the base (frozen, inference mode) and the start-up adapters, and start the engine thread."""
+def build_engine(config: ServeConfig, start: bool = True) -> Engine:
+    """Load the base (frozen, inference mode) and the start-up adapters, and start the engine thread (start=False:
+    the caller runs `engine.run()`, best on this same thread)."""
     from lorakit.models.loading import load_model
 
     dtype = config.dtype
@@ -29,7 +30,7 @@ def build_engine(config: ServeConfig) -> Engine:
     model.train(False)
     for p in model.parameters():
         p.requires_grad_(False)
-    engine = Engine(model, tokenizer, config)
+    engine = Engine(model, tokenizer, config, start=start)
     for name in engine.adapters.available() if config.adapters is None else config.adapters:
         try:
             engine.adapters.load(name)
@@ -41,13 +42,32 @@ def build_engine(config: ServeConfig) -> Engine:
 
 
 def serve(config: ServeConfig) -> None:
-    """Run the server until interrupted."""
+    """Run the server until interrupted: HTTP on a second thread, the engine on this one, which loaded the model
+    (one thread runs every model operator; see `lorakit.serve.engine`)."""
+    import threading
+
     import uvicorn
 
-    engine = build_engine(config)
+    engine = build_engine(config, start=False)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host=config.host, port=config.port, log_level="info"))
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:
+            engine.close()  # the HTTP side stopped (or never started): end the engine's loop too
+
+    web = threading.Thread(target=http, name="lorakit-http", daemon=True)
+    web.start()
     print(f"lorakit: serving base {engine.base_name!r} ({engine.dtype}) with adapters {engine.loaded()} on "
           f"http://{config.host}:{config.port}/v1 ({config.scheduler} scheduler)", flush=True)
     try:
-        uvicorn.run(create_app(engine), host=config.host, port=config.port, log_level="info")
+        engine.run()
+    except KeyboardInterrupt:
+        pass
     finally:
-        engine.close()
+        server.should_exit = True
+        web.join(timeout=10)
+    if not server.started:
+        raise LorakitError(f"The HTTP server could not start on {config.host}:{config.port} (see uvicorn's message "
+                           "above); pick another --port or stop what is using it.")
