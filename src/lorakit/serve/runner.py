@@ -62,6 +62,7 @@ class _LoraTable:
         self.B = torch.cat([layer.lora_B[n].weight for n in names], 1).detach() if names else None  # (out, Σr)
         self.mask = torch.zeros(len(order) + 1, sum(layer.r[n] for n in names), dtype=weight.dtype)
         self.parts: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}  # adapter -> its own A, B, scaling
+        self.layout = tuple((n, layer.r[n], layer.scaling[n]) for n in names)  # equal layouts: equal masks
         at = 0
         for n in names:
             self.mask[order[n], at:at + layer.r[n]] = layer.scaling[n]
@@ -94,6 +95,9 @@ class SlotRunner:
         self.step_rows: torch.Tensor | None = None  # (B,) adapter index per row of the running forward
         self.step_names: set[str] = set()
         self.step_single: str | None = None  # the adapter of every row, when the step has one and no base rows
+        self.step_plain = False  # every LoRA layer adds its table's deltas to its base this step (no own routing)
+        self.step_masks: dict = {}  # per table layout: the step's rows' masks
+        self.residual_layers = False  # some layer's base is a PiSSA/OLoRA residual (never shared with base rows)
         self.own_routing: set[str] = set()  # adapters some layer runs through its own forward (DoRA, embeddings...)
         self.untabled = True  # a LoRA layer outside the tables holds adapters (or no tables yet): route every step
         self.packed: list[dict[str, PackedLinear | None]] = []  # per decoder layer: qkv, o, gate_up, down
@@ -144,6 +148,7 @@ class SlotRunner:
                        if not l.init_factors and not l.fan_in_fan_out and l.adapters}
         self.own_routing = {n for t in self.tables.values() for n in t.special}
         self.untabled = any(l.adapters for _, l in lora_layers(self.model) if l not in self.tables)
+        self.residual_layers = any(l.init_factors for l in layers)
         self.tables_version = version
 
     def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -154,18 +159,24 @@ class SlotRunner:
         return self._delta(table, x, module.base_layer(x))
 
     def _delta(self, table: _LoraTable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y plus every row's LoRA delta from the layer's table: when every row is on one adapter, from that
-        adapter's own A and B (a 16th of the bytes with 16 resident); else all adapters' at once, masked per row."""
-        if table.A is None:
+        """y plus every row's LoRA delta from the layer's table (y is returned, updated in place)."""
+        if table.A is None or not self.step_names:  # no adapters here, or every row on the bare base
             return y
-        if self.step_single is not None:
+        if self.step_single is not None:  # every row on one adapter: its own A and B (a 16th of the bytes)
             part = table.parts.get(self.step_single)
             if part is None:  # the adapter does not touch this layer
                 return y
             A, B, scaling = part
-            return y + F.linear(F.linear(x.to(A.dtype), A) * scaling, B).to(y.dtype)
-        h = F.linear(x.to(table.A.dtype), table.A) * table.mask[self.step_rows][:, None, :]  # (B, T, Σr)
-        return y + F.linear(h, table.B).to(y.dtype)
+            return y.add_(F.linear(F.linear(x.to(A.dtype), A), B), alpha=scaling)  # y + (B·A·x)·scaling
+        h = F.linear(x.to(table.A.dtype), table.A) * self._step_mask(table)  # (B, T, Σr): each row's own columns
+        return y.add_(F.linear(h, table.B))
+
+    def _step_mask(self, table: _LoraTable) -> torch.Tensor:
+        """Each row's scaling on its adapter's columns of the table, (B, 1, Σr); tables of equal layout share it."""
+        mask = self.step_masks.get(table.layout)
+        if mask is None:
+            mask = self.step_masks[table.layout] = table.mask[self.step_rows][:, None, :]
+        return mask
 
     def _shares_base(self, module: nn.Module) -> bool:
         """This step, module's output is its base weight's output plus (at most) the LoRA deltas of its table."""
@@ -176,16 +187,19 @@ class SlotRunner:
         table = self.tables.get(module)
         return table is None or not self.step_names & table.special
 
-    def _group(self, modules: tuple[nn.Module, ...], packed: PackedLinear | None, x: torch.Tensor
-               ) -> list[torch.Tensor]:
-        """The outputs of linears that read the same x: from one packed weight when every one of them can share
-        its base this step, else each through _linear."""
-        if packed is None or not all(self._shares_base(m) for m in modules):
-            return [self._linear(m, x) for m in modules]
-        out = []
-        for m, y in zip(modules, packed(x).split(packed.sizes, -1)):
+    def _group(self, modules: tuple[nn.Module, ...], packed: PackedLinear | None, x: torch.Tensor) -> torch.Tensor:
+        """The outputs of linears that read the same x, side by side in one tensor (.., Σ out): from one packed
+        weight plus each layer's LoRA delta added into its columns when every one of them can share its base this
+        step, else each through _linear."""
+        if packed is None or not (self.step_plain or all(self._shares_base(m) for m in modules)):
+            outs = [self._linear(m, x) for m in modules]
+            return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+        out, at = packed(x), 0
+        for m, n in zip(modules, packed.sizes):
             table = self.tables.get(m)
-            out.append(y if table is None else self._delta(table, x, y))
+            if table is not None:
+                self._delta(table, x, out.narrow(-1, at, n))
+            at += n
         return out
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
@@ -226,6 +240,7 @@ class SlotRunner:
         self.step_rows = torch.tensor([self.order[a] if a is not None else 0 for a in adapters])
         self.step_names = {a for a in adapters if a is not None}
         self.step_single = adapters[0] if len(set(adapters)) == 1 and adapters[0] is not None else None
+        self.step_plain = not self.residual_layers and not self.step_names & self.own_routing
         # the layers' own per-row routing is needed only where a row's adapter is not in the tables
         routed = adapters_per_row(self.model, adapters) if self.untabled or self.step_names & self.own_routing \
             else contextlib.nullcontext()
@@ -233,7 +248,8 @@ class SlotRunner:
             with routed:
                 yield
         finally:
-            self.step_rows, self.step_names, self.step_single = None, set(), None
+            self.step_rows, self.step_names, self.step_single, self.step_plain = None, set(), None, False
+            self.step_masks = {}
 
     @torch.no_grad()
     def prefill(self, slot: int, ids: list[int], start: int, adapter: str | None, want_logits: bool
@@ -261,8 +277,9 @@ class SlotRunner:
         mask = None  # one row attends to all its `width` cached positions: no mask to build or apply
         if len(slots) > 1:
             mask = (torch.arange(width, device=self.device)[None, :] <= positions)[:, None, None, :]  # (B,1,1,width)
+        start = lengths[0] if len(slots) == 1 else None  # one row: its token is a one-token prefill (slice writes)
         with self._rows(adapters):
-            h = self._layers(x, positions, slots, None, width, mask)  # (B, 1, hidden)
+            h = self._layers(x, positions, slots, start, width, mask)  # (B, 1, hidden)
             return self._head(h)[:, -1].float()
 
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, slots: list[int], start: int | None, width: int,
@@ -283,29 +300,33 @@ class SlotRunner:
         rows = slice(slots[0], slots[0] + len(slots)) if contiguous else index  # a view when the slots are a block
         pos = positions[:, 0]
         packed = self.packed or [{} for _ in self.inner.layers]
+        heads, kv, d = self.heads, self.kv_heads, self.head_dim
         for layer, kc, vc, p in zip(self.inner.layers, self.keys, self.values, packed):
-            attn = layer.self_attn
-            y = _rms_norm(layer.input_layernorm, h)
-            q, k, v = self._group(_attention(layer)[:3], p.get("qkv"), y)
-            q = q.view(batch, length, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
-            k = k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, d)
-            v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = rope(q), rope(k)
+            qkv = self._group(_attention(layer)[:3], p.get("qkv"), _rms_norm(layer.input_layernorm, h))
+            qk = rope(qkv[..., :(heads + kv) * d].view(batch, length, heads + kv, d).transpose(1, 2))  # q and k at once
+            q, k = qk[:, :heads], qk[:, heads:]  # (B, H, T, d), (B, KV, T, d)
+            v = qkv[..., (heads + kv) * d:].view(batch, length, kv, d)  # (B, T, KV, d)
             if start is None:  # decode: row i writes its one token at its own length
                 kc[index, :, pos] = k[:, :, 0]
-                vc[index, :, pos] = v[:, :, 0]
+                vc[index, :, pos] = v[:, 0]
             else:
                 kc[slots[0], :, start:start + length] = k[0]
-                vc[slots[0], :, start:start + length] = v[0]
+                vc[slots[0], :, start:start + length] = v[0].transpose(0, 1)
             keys, values = kc[rows, :, :width], vc[rows, :, :width]  # (B, KV, width, d)
-            q = q.reshape(batch, self.kv_heads, self.groups * length, self.head_dim)  # query heads of a KV head
+            q = q.reshape(batch, kv, self.groups * length, d)  # the query heads of a KV head as one query length
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
-            out = out.view(batch, self.heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
-            h = h + self._group((attn.o_proj,), p.get("o"), out)[0]
-            mlp, y = layer.mlp, _rms_norm(layer.post_attention_layernorm, h)
-            gate, up = self._group(_mlp(layer)[:2], p.get("gate_up"), y)
-            h = h + self._group((mlp.down_proj,), p.get("down"), mlp.act_fn(gate) * up)[0]
+            out = out.view(batch, heads, length, d).transpose(1, 2).reshape(batch, length, heads * d)
+            h = h + self._group((layer.self_attn.o_proj,), p.get("o"), out)
+            gate_up = self._group(_mlp(layer)[:2], p.get("gate_up"), _rms_norm(layer.post_attention_layernorm, h))
+            gate, up = gate_up.chunk(2, -1)
+            h = h + self._group((layer.mlp.down_proj,), p.get("down"), _act(layer.mlp.act_fn, gate) * up)
         return h
+
+
+def _act(fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation; SiLU (Llama, Mistral, Qwen2: torch's or transformers' module) as the functional op,
+    without a module call."""
+    return F.silu(x) if type(fn).__name__ in ("SiLU", "SiLUActivation") else fn(x)
 
 
 def _rms_norm(norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
