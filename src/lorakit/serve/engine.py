@@ -109,6 +109,9 @@ class Engine:
         """The loop, on the calling thread, until `close()`; rows still running or waiting then get a 503."""
         self.owner = threading.get_ident()
         try:
+            if self.runner is not None:  # pack the base before the first request, not during it
+                with self.lock:
+                    self.runner.refresh_weights()
             self._run_continuous() if self.scheduler else self._run_static()
         finally:
             self.stopped = True
