@@ -142,3 +142,22 @@ def test_runner_logits_equal_the_models_own_forward(dtype, tol):
     with torch.no_grad(), lk.adapters_per_row(model, [adapter]):
         want = model(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:].float()
     torch.testing.assert_close(torch.stack(got), want, rtol=tol, atol=tol)
+
+
+def test_the_kv_cache_keeps_its_rows_when_it_grows():
+    """A cache grown between decode steps (one layer at a time) holds what it held: the logits equal a runner that
+    had room from the start."""
+    model, rows = model_with_adapters(), [([(7 * i) % 97 + 1 for i in range(60)], "lora"), (PROMPTS[1], "mlp")]
+    roomy = SlotRunner(model, 2, pack=False)
+    want = greedy(roomy, rows, 12)
+    small = SlotRunner(model, 2, pack=False)
+    small.refresh_adapters(0)
+    small.ensure_capacity(max(len(p) for p, _ in rows) + 1)
+    out = [[int(small.prefill(i, p, 0, a, True).argmax())] for i, (p, a) in enumerate(rows)]
+    for _ in range(11):
+        lengths = [len(p) + len(o) - 1 for (p, _), o in zip(rows, out)]
+        small.ensure_capacity(max(lengths) + 1)  # grows past 64 positions while rows are cached
+        logits = small.decode([0, 1], [o[-1] for o in out], lengths, [a for _, a in rows])
+        for o, token in zip(out, logits.argmax(-1).tolist()):
+            o.append(token)
+    assert out == want and small.capacity > 64

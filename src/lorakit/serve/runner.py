@@ -250,13 +250,14 @@ class SlotRunner:
             return
         new = max(length, min(max(2 * self.capacity, 64), limit or 1 << 62))
         shape = (self.slots, self.kv_heads, new, self.head_dim)
-        grow = lambda old: torch.cat([old, old.new_zeros(*shape[:2], new - self.capacity, shape[3])], 2)  # noqa: E731
-        if self.keys:
-            self.keys = [grow(k) for k in self.keys]
-            self.values = [grow(v) for v in self.values]
-        else:
-            self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.inner.layers]
-            self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.inner.layers]
+        if not self.keys:
+            self.keys = [None] * len(self.inner.layers)
+            self.values = [None] * len(self.inner.layers)
+        for cache in (self.keys, self.values):
+            for i, old in enumerate(cache):  # one layer at a time: one old tensor at most beside the new cache
+                cache[i] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if old is not None:
+                    cache[i][:, :, :self.capacity] = old
         self.capacity = new
 
     def move(self, src: int, dst: int, length: int) -> None:
