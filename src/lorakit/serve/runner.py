@@ -145,7 +145,8 @@ class SlotRunner:
                 out.append((w.data_ptr(), w._version, tuple(getattr(m, "merged_adapters", ())),
                             bool(getattr(m, "init_factors", None))))
         head = self.model.lm_head  # an adapter may wrap it (LoRA, modules_to_save): then it is not packed
-        out.append((type(head), getattr(getattr(head, "weight", None), "_version", None)))
+        w = getattr(head, "weight", None)
+        out.append((type(head), None if w is None else (w.data_ptr(), w._version)))
         return tuple(out)
 
     def refresh_weights(self) -> None:
