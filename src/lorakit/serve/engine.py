@@ -54,8 +54,11 @@ class _Call:
     def run(self) -> None:
         try:
             self.done.set_result(self.fn())
-        except BaseException as e:  # the caller re-raises it (a ServeError becomes its 4xx)
+        except Exception as e:  # the caller re-raises it (a ServeError becomes its 4xx)
             self.done.set_exception(e)
+        except BaseException as e:  # Ctrl-C on the engine's thread: the caller is told, the loop still stops
+            self.done.set_exception(e)
+            raise
 
 
 class Engine:
