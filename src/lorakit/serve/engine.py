@@ -45,6 +45,10 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (row, kind, payload))
 
 
+def _shutting_down() -> ServeError:
+    return ServeError(503, "The server is shutting down.", "shutting_down")
+
+
 class _Call:
     """A function to run on the engine's thread, between steps; its caller waits for `done`."""
 
@@ -125,7 +129,7 @@ class Engine:
         if self.owner is None or self.owner == threading.get_ident():
             return fn()  # the loop has not started (start-up adapters) or this is the loop's own thread
         if self.stopped:
-            raise ServeError(503, "The server is shutting down.", "shutting_down")
+            raise _shutting_down()
         call = _Call(fn)
         self.jobs.put(call)
         if self.stopped:  # the loop may have drained the queue just before this put
@@ -162,12 +166,11 @@ class Engine:
         if self.scheduler is not None:
             for seq in [s for s in self.scheduler.running if s is not None] + list(self.scheduler.waiting):
                 self.scheduler.leave(seq)
-                self._failed(seq.job, seq.index, ServeError(503, "The server is shutting down.", "shutting_down"),
-                             seq.adapter)
+                self._failed(seq.job, seq.index, _shutting_down(), seq.adapter)
         self._fail_queued()
 
     def _fail_queued(self) -> None:
-        error = ServeError(503, "The server is shutting down.", "shutting_down")
+        error = _shutting_down()
         while True:
             try:
                 item = self.jobs.get_nowait()
