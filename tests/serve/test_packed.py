@@ -161,3 +161,56 @@ def test_the_kv_cache_keeps_its_rows_when_it_grows():
         for o, token in zip(out, logits.argmax(-1).tolist()):
             o.append(token)
     assert out == want and small.capacity > 64
+
+
+@pytest.mark.skipif(not kernels.packing_works(torch.bfloat16),
+                    reason="no oneDNN bf16 kernels on this CPU (AVX2-only): bf16 serving is not the default here")
+def test_bf16_rows_decode_bit_for_bit_as_alone():
+    """On a bf16 base every row's logits, at every step, are bit for bit those of the row decoded alone: the LoRA
+    tables run in bf16 through the same batch-invariant kernels as the base, and attention reads whole KV blocks
+    (rows of 3..20 tokens cross 16- and 32-position block edges while they decode)."""
+    model = tiny_llama(seed=5, hidden_size=64, intermediate_size=1152)  # down_proj reads 1152 > ONE_ROW_SUMS_ALIKE
+    lk.add_lora(model, lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), adapter="qv")
+    lk.add_lora(model, lk.LoraConfig(r=2, alpha=8, target_modules=["gate_proj", "down_proj", "v_proj", "o_proj"]),
+                adapter="mlp")
+    lk.add_lora(model, lk.LoraConfig(r=8, alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "up_proj"]),
+                adapter="rs")
+    for seed, name in enumerate(("qv", "mlp", "rs"), 1):
+        randomize_lora_B(model, name, std=0.5, seed=seed)
+    model = model.to(torch.bfloat16)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2] + PROMPTS[3] + [3, 4, 5, 6, 7], PROMPTS[3]]
+    rows = list(zip(prompts, ["qv", "mlp", None, "rs"]))
+
+    def logits(runner, rows, steps=14):
+        runner.ensure_capacity(max(len(p) for p, _ in rows) + steps + 1)
+        runner.refresh_adapters(0)
+        runner.refresh_weights()
+        out = [[runner.prefill(i, p, 0, a, True)] for i, (p, a) in enumerate(rows)]
+        for step in range(steps):
+            got = runner.decode(list(range(len(rows))), [int(o[-1].argmax()) for o in out],
+                                [len(p) + step for p, _ in rows], [a for _, a in rows])
+            for o, row in zip(out, got):
+                o.append(row)
+        return [torch.stack(o) for o in out]
+
+    together = logits(SlotRunner(model, len(rows)), rows)
+    for row, got in zip(rows, together):
+        alone = logits(SlotRunner(model, 1), [row])[0]
+        assert torch.equal(got, alone), (row[1], (got - alone).abs().max())
+    on_base = logits(SlotRunner(model, 1), [(prompts[0], None)])[0]
+    assert not torch.equal(on_base, together[0])  # the adapters really change the logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_long_single_row_multiplies_as_it_does_in_a_batch(dtype):
+    """oneDNN's single-row kernel sums inputs longer than ONE_ROW_SUMS_ALIKE in another order; the packed linear
+    multiplies such a row as two, so each row alone equals its row of the batch."""
+    if not kernels.packing_works(dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} here")
+    torch.manual_seed(0)
+    layer = nn.Linear(1536, 576, bias=False).to(dtype)
+    packed = kernels.pack([layer])
+    x = torch.randn(64, 1, 1536).to(dtype)
+    batch = packed(x)
+    assert all(torch.equal(packed(x[i:i + 1]), batch[i:i + 1]) for i in range(64))
+    assert packed(x[0, 0]).shape == (576,)

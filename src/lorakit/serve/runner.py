@@ -8,9 +8,13 @@ boolean row mask), and padding every row to the longest prompt (here each row is
 Grouped-query attention runs without repeating K/V: the query heads that share a KV head are folded into the query
 length of one attention call.
 
-LoRA runs batched across adapters (as Punica's BGMV/SGMV kernels do on GPUs): each LoRA linear keeps the A and B of
-all its resident plain-LoRA adapters side by side (`_LoraTable`), so a step computes every row's delta with two
-matmuls and a per-row mask, whatever the number of adapters in the batch. Layers where a row uses a DoRA adapter,
+LoRA runs batched across adapters (as Punica's BGMV/SGMV kernels do on GPUs): the linears that read one input (q|k|v,
+gate|up; o and down alone) keep the A and B of all their resident plain-LoRA adapters side by side (`_LoraTable`), so
+a step computes every row's deltas for the whole group with two matmuls and a per-row mask, whatever the number of
+adapters in the batch. The tables run in the base's dtype; on a bf16 base a row's logits are then bit for bit the
+same alone and in any batch (see `_LoraTable`, `KV_BLOCK` and `kernels.ONE_ROW_SUMS_ALIKE`); on an fp32 base MKL's
+LoRA matmuls and SDPA round a row differently at different batch sizes (by ~1e-7: greedy tokens agree in the tests
+and benchmark, logits not bit for bit). Layers where a row uses a DoRA adapter,
 or whose base was split by PiSSA/OLoRA, fall back to the layer's own per-adapter routing (`adapters_per_row`).
 
 On a CPU the frozen base linears run from oneDNN-packed copies of their weights (`lorakit.serve.kernels`): q|k|v
@@ -43,6 +47,15 @@ from lorakit.lora.variants import LoraVariant
 from lorakit.serve.kernels import PackedLinear, pack
 
 SUPPORTED = ("llama", "mistral", "qwen2")
+# Attention always reads a multiple of this many cached positions (the rest masked): SDPA's CPU kernels round a
+# row's result differently when the number of keys has a ragged tail, so without it a row decoded beside a longer
+# row (whose length sets the step's width) would differ in the last bit from the same row decoded alone.
+KV_BLOCK = 16
+
+
+def _blocks(n: int) -> int:
+    """n rounded up to a whole number of KV_BLOCKs."""
+    return -(-n // KV_BLOCK) * KV_BLOCK
 
 
 def check_supported(model: nn.Module) -> None:
@@ -59,23 +72,58 @@ def check_supported(model: nn.Module) -> None:
 
 
 class _LoraTable:
-    """One LoRA linear's plain adapters side by side: A (Σr, in), B (out, Σr), and per adapter a row of `mask`
-    (n_adapters + 1, Σr) holding its scaling on its own columns (row 0, the base, is all zeros)."""
+    """The plain LoRA adapters of linears that read the same input (one linear, or q|k|v, gate|up side by side in
+    the output), as two matrices: A (Σr, in) with every adapter's A of every linear stacked, and B (Σout, Σr) with
+    each adapter's B·scaling in its linear's rows and its own columns (zeros elsewhere). A step adds every row's
+    deltas to all the linears with two matmuls: h = x·Aᵀ times `mask[row's adapter]` (ones on that adapter's
+    columns), then h·Bᵀ. A row whose adapter is DoRA (`special`) takes the layer's own routing instead.
 
-    def __init__(self, layer: LoraLinear, order: dict[str, int]):
-        names = [n for n in layer.adapters if type(layer.variant(n)) is LoraVariant]
-        self.special = set(layer.adapters) - set(names)  # DoRA: rows on these take the layer's own routing
-        weight = layer.lora_A[names[0]].weight if names else layer.base_layer.weight
-        self.A = torch.cat([layer.lora_A[n].weight for n in names]).detach() if names else None  # (Σr, in)
-        self.B = torch.cat([layer.lora_B[n].weight for n in names], 1).detach() if names else None  # (out, Σr)
-        self.mask = torch.zeros(len(order) + 1, sum(layer.r[n] for n in names), dtype=weight.dtype)
-        self.parts: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}  # adapter -> its own A, B, scaling
-        self.layout = tuple((n, layer.r[n], layer.scaling[n]) for n in names)  # equal layouts: equal masks
-        at = 0
-        for n in names:
-            self.mask[order[n], at:at + layer.r[n]] = layer.scaling[n]
-            self.parts[n] = (layer.lora_A[n].weight.detach(), layer.lora_B[n].weight.detach(), layer.scaling[n])
-            at += layer.r[n]
+    The table runs in the base layer's dtype, as vLLM runs LoRA: on a bf16 base, A and B·scaling are bf16 and the
+    deltas come from the same oneDNN kernels as the base, whose rows do not depend on the batch — so a row's output
+    is bit for bit the same alone and in any batch (fp32 LoRA matmuls from MKL round a row differently at different
+    batch sizes, which bf16 then amplifies into different greedy tokens). An adapter alone (`parts`) uses copies of
+    its own columns of the same matrices, so the alone path and the batched path multiply the same numbers."""
+
+    def __init__(self, layers: list[nn.Module], order: dict[str, int]):
+        self.special: set[str] = set()
+        columns: dict[str, list[int]] = {}  # adapter -> its columns of A's rows / B's columns
+        A, B, at = [], [], 0  # B: (out offset, B·scaling) per block
+        out_at, out_sizes = 0, []
+        for layer in layers:
+            out_sizes.append(layer.out_features)
+            if _tabled(layer):
+                names = [n for n in layer.adapters if type(layer.variant(n)) is LoraVariant]
+                self.special |= set(layer.adapters) - set(names)
+                for n in names:
+                    r = layer.r[n]
+                    A.append(layer.lora_A[n].weight.detach())
+                    B.append((out_at, layer.lora_B[n].weight.detach() * layer.scaling[n]))
+                    columns.setdefault(n, []).extend(range(at, at + r))
+                    at += r
+            out_at += out_sizes[-1]
+        weight = layers[0].base_layer.weight if isinstance(layers[0], LoraLinear) else layers[0].weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        self.A = self.B = None
+        self.mask = torch.zeros(len(order) + 1, at, dtype=dtype)
+        self.parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter -> its own rows of A, columns of B
+        self.layout = tuple((n, tuple(c)) for n, c in columns.items())  # equal layouts: equal masks
+        if not A:
+            return
+        self.A = torch.cat(A).to(dtype)  # (Σr, in)
+        self.B = torch.zeros(out_at, at, dtype=dtype)  # (Σout, Σr)
+        col = 0
+        for (row, b), a in zip(B, A):
+            self.B[row:row + b.shape[0], col:col + a.shape[0]] = b
+            col += a.shape[0]
+        for n, cols in columns.items():
+            self.mask[order[n], cols] = 1
+            self.parts[n] = (self.A[cols].contiguous(), self.B[:, cols].contiguous())
+
+
+def _tabled(layer: nn.Module) -> bool:
+    """A LoRA linear whose plain adapters the tables hold (not a PiSSA/OLoRA residual, not Conv1D-style weights)."""
+    return isinstance(layer, LoraLinear) and bool(layer.adapters) and not layer.init_factors \
+        and not layer.fan_in_fan_out
 
 
 class _Layer(NamedTuple):
@@ -117,7 +165,8 @@ class SlotRunner:
         self.capacity = 0
         self.keys: list[torch.Tensor] = []  # per layer: (slots, kv_heads, capacity, head_dim)
         self.values: list[torch.Tensor] = []
-        self.tables: dict[LoraLinear, _LoraTable] = {}
+        self.tables: dict[LoraLinear, _LoraTable] = {}  # per LoRA linear, for its own forward
+        self.group_tables: dict[tuple[nn.Module, ...], _LoraTable] = {}  # per group read from one packed weight
         self.order: dict[str, int] = {}  # adapter -> its row in every table's mask (0 = base)
         self.tables_version = None
         self.step_rows: torch.Tensor | None = None  # (B,) adapter index per row of the running forward
@@ -177,12 +226,14 @@ class SlotRunner:
         layers = [l for _, l in lora_layers(self.model) if isinstance(l, LoraLinear)]
         names = sorted({n for l in layers for n in l.adapters})
         self.order = {n: i + 1 for i, n in enumerate(names)}
-        self.tables = {l: _LoraTable(l, self.order) for l in layers
-                       if not l.init_factors and not l.fan_in_fan_out and l.adapters}
+        self.tables = {l: _LoraTable([l], self.order) for l in layers if _tabled(l)}
         self.own_routing = {n for t in self.tables.values() for n in t.special}
         self.untabled = any(l.adapters for _, l in lora_layers(self.model) if l not in self.tables)
         self.residual_layers = any(l.init_factors for l in layers)
         self.layers = [_layer_parts(layer) for layer in self.inner.layers]  # adding LoRA replaces linears
+        self.group_tables = {group: _LoraTable(list(group), self.order) for parts in self.layers
+                             for group in (parts.qkv, parts.o, parts.gate_up, parts.down)
+                             if any(m in self.tables for m in group)}
         self.tables_version = version
 
     def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -196,17 +247,17 @@ class SlotRunner:
         """y plus every row's LoRA delta from the layer's table (y is returned, updated in place)."""
         if table.A is None or not self.step_names:  # no adapters here, or every row on the bare base
             return y
-        if self.step_single is not None:  # every row on one adapter: its own A and B (a 16th of the bytes)
+        if self.step_single is not None:  # every row on one adapter: its own rows of A and columns of B
             part = table.parts.get(self.step_single)
             if part is None:  # the adapter does not touch this layer
                 return y
-            A, B, scaling = part
-            return y.add_(F.linear(F.linear(x.to(A.dtype), A), B), alpha=scaling)  # y + (B·A·x)·scaling
+            A, B = part
+            return y.add_(F.linear(F.linear(x.to(A.dtype), A), B))  # y + (B·scaling)·A·x
         h = F.linear(x.to(table.A.dtype), table.A) * self._step_mask(table)  # (B, T, Σr): each row's own columns
         return y.add_(F.linear(h, table.B))
 
     def _step_mask(self, table: _LoraTable) -> torch.Tensor:
-        """Each row's scaling on its adapter's columns of the table, (B, 1, Σr); tables of equal layout share it."""
+        """Each row's adapter's columns of the table as ones, (B, 1, Σr); tables of equal layout share it."""
         mask = self.step_masks.get(table.layout)
         if mask is None:
             mask = self.step_masks[table.layout] = table.mask[self.step_rows][:, None, :]
@@ -223,18 +274,14 @@ class SlotRunner:
 
     def _group(self, modules: tuple[nn.Module, ...], packed: PackedLinear | None, x: torch.Tensor) -> torch.Tensor:
         """The outputs of linears that read the same x, side by side in one tensor (.., Σ out): from one packed
-        weight plus each layer's LoRA delta added into its columns when every one of them can share its base this
-        step, else each through _linear."""
+        weight plus every row's LoRA deltas from the group's table (two matmuls for the whole group) when every one
+        of them can share its base this step, else each through _linear."""
         if packed is None or not (self.step_plain or all(self._shares_base(m) for m in modules)):
             outs = [self._linear(m, x) for m in modules]
             return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
-        out, at = packed(x), 0
-        for m, n in zip(modules, packed.sizes):
-            table = self.tables.get(m)
-            if table is not None:
-                self._delta(table, x, out.narrow(-1, at, n))
-            at += n
-        return out
+        table = self.group_tables.get(modules)
+        out = packed(x)
+        return out if table is None else self._delta(table, x, out)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         h = _rms_norm(h, *self.final_norm)
@@ -249,7 +296,7 @@ class SlotRunner:
         holds when it grows."""
         if length <= self.capacity:
             return
-        new = max(length, min(max(2 * self.capacity, 64), limit or 1 << 62))
+        new = _blocks(max(length, min(max(2 * self.capacity, 64), limit or 1 << 62)))  # whole KV blocks
         shape = (self.slots, self.kv_heads, new, self.head_dim)
         if not self.keys:
             self.keys = [None] * len(self.inner.layers)
@@ -293,11 +340,12 @@ class SlotRunner:
         n = len(ids)
         x = torch.tensor([ids], device=self.device)  # (1, n)
         positions = torch.arange(start, start + n, device=self.device)[None]  # (1, n)
-        keys = torch.arange(start + n, device=self.device)
-        mask = keys[None, :] <= positions[0, :, None]  # (n, start + n): causal over the row's cache
+        width = _blocks(start + n)
+        keys = torch.arange(width, device=self.device)
+        mask = keys[None, :] <= positions[0, :, None]  # (n, width): causal over the row's cache
         mask = mask.repeat(self.groups, 1)[None, None]  # (1, 1, groups·n, start + n), query heads folded in
         with self._rows([adapter]):
-            h = self._layers(x, positions, [slot], start, start + n, mask)  # (1, n, hidden)
+            h = self._layers(x, positions, [slot], start, width, mask)  # (1, n, hidden)
             if not want_logits:
                 return None
             return self._head(h[:, -1:])[0, -1].float()
@@ -308,17 +356,15 @@ class SlotRunner:
         """One new token per row (row i in slots[i] with lengths[i] cached positions); returns logits (B, V)."""
         x = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
         positions = torch.tensor(lengths, device=self.device)[:, None]  # (B, 1)
-        width = max(lengths) + 1
-        mask = None  # one row attends to all its `width` cached positions: no mask to build or apply
-        if len(slots) > 1:
-            mask = (torch.arange(width, device=self.device)[None, :] <= positions)[:, None, None, :]  # (B,1,1,width)
+        width = _blocks(max(lengths) + 1)
+        mask = (torch.arange(width, device=self.device)[None, :] <= positions)[:, None, None, :]  # (B, 1, 1, width)
         start = lengths[0] if len(slots) == 1 else None  # one row: its token is a one-token prefill (slice writes)
         with self._rows(adapters):
             h = self._layers(x, positions, slots, start, width, mask)  # (B, 1, hidden)
             return self._head(h)[:, -1].float()
 
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, slots: list[int], start: int | None, width: int,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor) -> torch.Tensor:
         """Embeddings through every decoder layer, writing K/V at `positions` of `slots` and attending over the
         first `width` cached positions. start=None: one token per row (decode); else one row from `start`."""
         h = self.inner.embed_tokens(x)  # (B, T, hidden)
