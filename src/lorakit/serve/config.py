@@ -47,10 +47,11 @@ class ServeConfig:
     dtype: str = "float32"
     """Base weights' dtype: float32 (default: the numbers training and evaluation compute), bfloat16, or auto
     (bfloat16 where this CPU/GPU multiplies bf16 at least 1.3x faster than fp32, measured at start-up, as
-    lorakit.hardware.auto_base_dtype decides for training; else float32). LoRA weights stay fp32. A bf16 base
-    halves the weights' memory and, on CPUs with AVX512-BF16 or AMX, speeds decoding up (~1.4x on a 2-core
-    AVX512-BF16 EPYC); its outputs differ from the fp32 base's by bf16 rounding, and a row's greedy output can
-    change with the rows decoded beside it (bf16 matmuls round a batch differently from one row)."""
+    lorakit.hardware.auto_base_dtype decides for training; else float32). A bf16 base halves the weights' memory
+    and, on CPUs with AVX512-BF16 or AMX, speeds decoding up (~1.4x on a 2-core AVX512-BF16 EPYC); its outputs
+    differ from the fp32 base's by bf16 rounding. The continuous scheduler then runs the LoRA deltas in bf16 too (as
+    vLLM does), so on such CPUs a row's logits are bit for bit the same whatever rows are decoded beside it; the
+    static scheduler keeps the adapters' fp32 LoRA math and its rows can change with their batch."""
     pack_weights: bool = True
     """Continuous scheduler on a CPU: run the frozen base linears from oneDNN-packed copies of their weights
     (q|k|v and gate|up fused), ~1.4x faster batch-1 decode steps; costs one more copy of those weights
