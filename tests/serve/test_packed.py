@@ -12,7 +12,7 @@ from torch import nn
 import lorakit as lk
 from conftest import randomize_lora_B, tiny_llama
 from lorakit.serve import kernels
-from lorakit.serve.runner import SlotRunner
+from lorakit.serve.runner import Chunk, Decode, SlotRunner
 
 needs_packing = pytest.mark.skipif(not kernels.packing_works(torch.float32),
                                    reason="oneDNN packed linear unavailable in this torch build/CPU")
@@ -163,6 +163,35 @@ def test_the_kv_cache_keeps_its_rows_when_it_grows():
     assert out == want and small.capacity > 64
 
 
+def mixed_steps(runner: SlotRunner, rows: list[tuple[list[int], str | None]], chunk: int, new: int
+                ) -> list[torch.Tensor]:
+    """Serve `rows` the way the engine's steps do, one runner.step per step: row i joins at step i; a step decodes
+    every prefilled row (greedy) and puts the next `chunk` prompt tokens of every row still prefilling beside them.
+    Returns each row's logits for its `new` output positions."""
+    runner.ensure_capacity(max(len(p) for p, _ in rows) + new + 1)
+    runner.refresh_adapters(0)
+    runner.refresh_weights()
+    done = [0] * len(rows)  # prompt tokens in the cache
+    out: list[list[torch.Tensor]] = [[] for _ in rows]
+    step = 0
+    while any(len(o) < new for o in out):
+        decode = [i for i, (p, _) in enumerate(rows) if done[i] == len(p) and out[i] and len(out[i]) < new]
+        filling = [i for i, (p, _) in enumerate(rows) if i <= step and done[i] < len(p)]
+        chunks = [Chunk(i, rows[i][0][done[i]:done[i] + chunk], done[i], rows[i][1],
+                        done[i] + chunk >= len(rows[i][0])) for i in filling]
+        decoded, prefilled = runner.step(
+            [Decode(i, int(out[i][-1].argmax()), len(rows[i][0]) + len(out[i]) - 1, rows[i][1]) for i in decode],
+            chunks)
+        for j, i in enumerate(decode):
+            out[i].append(decoded[j])
+        for c, logits in zip(chunks, prefilled):
+            done[c.slot] += len(c.ids)
+            if logits is not None:
+                out[c.slot].append(logits)
+        step += 1
+    return [torch.stack(o) for o in out]
+
+
 @pytest.mark.skipif(not kernels.packing_works(torch.bfloat16),
                     reason="no oneDNN bf16 kernels on this CPU (AVX2-only): bf16 serving is not the default here")
 def test_bf16_rows_decode_bit_for_bit_as_alone():
@@ -196,6 +225,12 @@ def test_bf16_rows_decode_bit_for_bit_as_alone():
     together = logits(SlotRunner(model, len(rows)), rows)
     for row, got in zip(rows, together):
         alone = logits(SlotRunner(model, 1), [row])[0]
+        assert torch.equal(got, alone), (row[1], (got - alone).abs().max())
+    # one forward per step, as the engine runs it: rows decode while the later rows' prompts go in, in chunks of 5
+    # (the chunk boundaries a row's prompt gets alone too), each step holding several chunks beside the decode rows
+    mixed = mixed_steps(SlotRunner(model, len(rows)), rows, chunk=5, new=10)
+    for row, got in zip(rows, mixed):
+        alone = mixed_steps(SlotRunner(model, 1), [row], chunk=5, new=10)[0]
         assert torch.equal(got, alone), (row[1], (got - alone).abs().max())
     on_base = logits(SlotRunner(model, 1), [(prompts[0], None)])[0]
     assert not torch.equal(on_base, together[0])  # the adapters really change the logits

@@ -28,6 +28,7 @@ from lorakit.inference.sampling import RowText, pick_tokens
 from lorakit.serve.adapters import AdapterCache
 from lorakit.serve.config import ServeConfig, ServeError
 from lorakit.serve.metrics import Metrics
+from lorakit.serve.runner import Chunk, Decode, SlotRunner
 from lorakit.serve.scheduler import Scheduler, Seq
 
 
@@ -86,8 +87,6 @@ class Engine:
         self.stats = {"steps": 0, "rows": 0, "largest_batch": 0, "mixed_adapter_steps": 0}
         self.scheduler = self.runner = None
         if config.scheduler == "continuous":
-            from lorakit.serve.runner import SlotRunner
-
             self.runner = SlotRunner(model, config.max_batch_size, pack=config.pack_weights)
             row_tokens = self.context
             if config.kv_cache_mb is not None:
@@ -257,18 +256,18 @@ class Engine:
                 self.runner.refresh_adapters(self.adapters.version)  # loading adapters (PiSSA/OLoRA residuals), so
                 self.runner.refresh_weights()  # repacking is checked then, not by walking every layer each step
             decode = [s for s in step.decode if s.slot is not None]
+            chunks = [(seq, start, n) for seq, start, n in step.chunks if seq.slot is not None]
+            decoded, prefilled = self.runner.step(
+                [Decode(s.slot, s.output[-1], s.cached, s.adapter) for s in decode],
+                [Chunk(seq.slot, seq.prompt_ids[start:start + n], start, seq.adapter, start + n == len(seq.prompt_ids))
+                 for seq, start, n in chunks])
             if decode:
-                logits.append(self.runner.decode([s.slot for s in decode], [s.output[-1] for s in decode],
-                                                 [s.cached for s in decode], [s.adapter for s in decode]))
+                logits.append(decoded)
                 rows += decode
                 self._count([s.adapter for s in decode])
-            for seq, start, n in step.chunks:
-                if seq.slot is None:
-                    continue
-                last = start + n == len(seq.prompt_ids)
-                out = self.runner.prefill(seq.slot, seq.prompt_ids[start:start + n], start, seq.adapter, last)
+            for (seq, _, n), out in zip(chunks, prefilled):
                 seq.computed += n
-                if last:
+                if out is not None:  # the prompt's last chunk: its logits give the first output token
                     logits.append(out[None])
                     rows.append(seq)
         if rows:

@@ -1,12 +1,14 @@
-"""The model runner of the continuous engine: a pre-allocated KV cache with one slot per running row, and the two
-forwards a step needs: a prefill chunk of one row, and one decode token for each of many rows.
+"""The model runner of the continuous engine: a pre-allocated KV cache with one slot per running row, and one forward
+per scheduler step (`SlotRunner.step`): one decode token for each of many rows and the prompt chunks of rows still
+prefilling, every token a row of the same matmuls, each chunk attending over its own row.
 
 It reuses the model's own modules (embeddings, norms, MLPs, rotary embedding and the q/k/v/o projections, which are
 lorakit LoRA layers routed per row by `adapters_per_row`) and replaces only what makes Hugging Face's generic
 forward slow for serving: the growing cache (here written in place), the attention mask built every step (here one
-boolean row mask), and padding every row to the longest prompt (here each row is prefilled alone, in fixed chunks).
-Grouped-query attention runs without repeating K/V: the query heads that share a KV head are folded into the query
-length of one attention call.
+boolean row mask), and padding every row to the longest prompt (here prompts go in as fixed chunks beside the decode
+rows). Grouped-query attention runs without repeating K/V: the query heads that share a KV head are folded into the
+query length of one attention call. A step of 64 decode rows and 14 prompt chunks (1,927 tokens, SmolLM2-135M, 2
+cores) took 2.9–3.1 s fp32 and 1.6–1.8 s bf16 as one forward against 3.2–3.4 s and 1.9–2.0 s as 15 forwards.
 
 LoRA runs batched across adapters (as Punica's BGMV/SGMV kernels do on GPUs): the linears that read one input (q|k|v,
 gate|up; o and down alone) keep the A and B of all their resident plain-LoRA adapters side by side (`_LoraTable`), so
@@ -144,6 +146,25 @@ def _layer_parts(layer: nn.Module) -> _Layer:
     attn, mlp = _attention(layer), _mlp(layer)
     return _Layer(norm(layer.input_layernorm), attn[:3], attn[3:], norm(layer.post_attention_layernorm), mlp[:2],
                   mlp[2:], layer.mlp.act_fn)
+
+
+class Decode(NamedTuple):
+    """A decode row of a step: `token` goes in at position `length` of `slot`'s cached row."""
+
+    slot: int
+    token: int
+    length: int
+    adapter: str | None
+
+
+class Chunk(NamedTuple):
+    """A prompt chunk of a step: `ids` go in at positions start.. of `slot`'s row."""
+
+    slot: int
+    ids: list[int]
+    start: int
+    adapter: str | None
+    want_logits: bool
 
 
 class SlotRunner:
@@ -337,66 +358,105 @@ class SlotRunner:
     def prefill(self, slot: int, ids: list[int], start: int, adapter: str | None, want_logits: bool
                 ) -> torch.Tensor | None:
         """Run prompt tokens `ids` at positions start.. of one row; returns the last position's logits (V,) if asked."""
-        n = len(ids)
-        x = torch.tensor([ids], device=self.device)  # (1, n)
-        positions = torch.arange(start, start + n, device=self.device)[None]  # (1, n)
-        width = _blocks(start + n)
-        keys = torch.arange(width, device=self.device)
-        mask = keys[None, :] <= positions[0, :, None]  # (n, width): causal over the row's cache
-        mask = mask.repeat(self.groups, 1)[None, None]  # (1, 1, groups·n, start + n), query heads folded in
-        with self._rows([adapter]):
-            h = self._layers(x, positions, [slot], start, width, mask)  # (1, n, hidden)
-            if not want_logits:
-                return None
-            return self._head(h[:, -1:])[0, -1].float()
+        return self.step([], [Chunk(slot, ids, start, adapter, want_logits)])[1][0]
 
     @torch.no_grad()
     def decode(self, slots: list[int], tokens: list[int], lengths: list[int], adapters: list[str | None]
                ) -> torch.Tensor:
         """One new token per row (row i in slots[i] with lengths[i] cached positions); returns logits (B, V)."""
-        x = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
-        positions = torch.tensor(lengths, device=self.device)[:, None]  # (B, 1)
-        width = _blocks(max(lengths) + 1)
-        mask = (torch.arange(width, device=self.device)[None, :] <= positions)[:, None, None, :]  # (B, 1, 1, width)
-        start = lengths[0] if len(slots) == 1 else None  # one row: its token is a one-token prefill (slice writes)
-        with self._rows(adapters):
-            h = self._layers(x, positions, slots, start, width, mask)  # (B, 1, hidden)
-            return self._head(h)[:, -1].float()
+        return self.step([Decode(*row) for row in zip(slots, tokens, lengths, adapters)], [])[0]
 
-    def _layers(self, x: torch.Tensor, positions: torch.Tensor, slots: list[int], start: int | None, width: int,
-                mask: torch.Tensor) -> torch.Tensor:
-        """Embeddings through every decoder layer, writing K/V at `positions` of `slots` and attending over the
-        first `width` cached positions. start=None: one token per row (decode); else one row from `start`."""
-        h = self.inner.embed_tokens(x)  # (B, T, hidden)
-        cos, sin = self.inner.rotary_emb(h, positions)  # (B, T, d)
+    @torch.no_grad()
+    def step(self, decode: list[Decode], chunks: list[Chunk]) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+        """One forward for a whole scheduler step: one new token for each decode row and the prompt tokens of each
+        chunk, all as rows of the same matmuls (a step of 16 short prompts streams the weights once, not 16
+        times); each chunk attends over its own row's cache. Returns the decode rows' logits (B, V) (None without
+        decode rows) and each chunk's last-position logits (V,) where it asked for them."""
+        tokens = [r.token for r in decode] + [t for c in chunks for t in c.ids]
+        positions = [r.length for r in decode] + [c.start + i for c in chunks for i in range(len(c.ids))]
+        adapters = [r.adapter for r in decode] + [c.adapter for c in chunks for _ in c.ids]
+        x = torch.tensor(tokens, device=self.device)[:, None]  # (N, 1): every token a row of the matmuls
+        positions = torch.tensor(positions, device=self.device)[:, None]  # (N, 1)
+        with self._rows(adapters):
+            h = self._layers(x, positions, decode, chunks)  # (N, 1, hidden)
+        ends, at = [], len(decode)  # the rows whose logits are wanted: every decode row, chunks' last tokens
+        for c in chunks:
+            at += len(c.ids)
+            if c.want_logits:
+                ends.append(at - 1)
+        if not decode and not ends:
+            return None, [None] * len(chunks)
+        if not ends:
+            want, wanted = h[:len(decode)], adapters[:len(decode)]
+        else:
+            rows = list(range(len(decode))) + ends
+            want, wanted = h[rows], [adapters[i] for i in rows]
+        with self._rows(wanted):  # the head may hold adapters too (LoRA on lm_head, modules_to_save)
+            logits = self._head(want)[:, -1].float()
+        per_chunk, i = [], len(decode)
+        for c in chunks:
+            per_chunk.append(logits[i] if c.want_logits else None)
+            i += c.want_logits
+        return (logits[:len(decode)] if decode else None), per_chunk
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, decode: list[Decode], chunks: list[Chunk]
+                ) -> torch.Tensor:
+        """Embeddings through every decoder layer. The first len(decode) rows of x are decode tokens: each writes
+        its K/V at its row's length and all of them attend together over the first `width` cached positions of
+        their slots (a whole number of KV blocks, the rest masked). The rows after them are the chunks' prompt
+        tokens, in order: a chunk writes its K/V at start.. of its slot and attends causally over its own row."""
+        h = self.inner.embed_tokens(x)  # (N, 1, hidden)
+        cos, sin = self.inner.rotary_emb(h, positions)  # (N, 1, d)
         half = self.head_dim // 2
-        cos, sin = cos[:, None], torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, None]  # (B, 1, T, d)
+        cos, sin = cos[:, None], torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, None]  # (N, 1, 1, d)
 
         def rope(t: torch.Tensor) -> torch.Tensor:  # t·cos + rotate_half(t)·sin, rotate_half's sign moved into sin
             return t * cos + t.roll(half, -1) * sin  # rolling by half swaps the two halves
 
-        batch, length = x.shape
-        index = torch.tensor(slots, device=self.device)
-        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        rows = slice(slots[0], slots[0] + len(slots)) if contiguous else index  # a view when the slots are a block
-        pos = positions[:, 0]
+        heads, kv, d, groups = self.heads, self.kv_heads, self.head_dim, self.groups
+        n, b = x.shape[0], len(decode)
+        if b:
+            slots = [r.slot for r in decode]
+            index = torch.tensor(slots, device=self.device)
+            contiguous = slots == list(range(slots[0], slots[0] + b))
+            rows = slice(slots[0], slots[0] + b) if contiguous else index  # a view when the slots are a block
+            pos = positions[:b, 0]
+            width = _blocks(max(r.length for r in decode) + 1)
+            mask = (torch.arange(width, device=self.device)[None, :] <= positions[:b])[:, None, None, :]  # (b,1,1,w)
+        spans, at = [], b  # per chunk: (first row, its causal mask over whole KV blocks of its row)
+        for c in chunks:
+            width_c = _blocks(c.start + len(c.ids))
+            causal = torch.arange(width_c, device=self.device)[None, :] <= positions[at:at + len(c.ids)]
+            spans.append((at, causal.repeat(groups, 1)[None, None]))  # (1, 1, groups·len, width_c), heads folded
+            at += len(c.ids)
         packed = self.packed or [{} for _ in self.inner.layers]
-        heads, kv, d = self.heads, self.kv_heads, self.head_dim
         for layer, kc, vc, p in zip(self.layers, self.keys, self.values, packed):
             qkv = self._group(layer.qkv, p.get("qkv"), _rms_norm(h, *layer.input_norm))
-            qk = rope(qkv[..., :(heads + kv) * d].view(batch, length, heads + kv, d).transpose(1, 2))  # q and k at once
-            q, k = qk[:, :heads], qk[:, heads:]  # (B, H, T, d), (B, KV, T, d)
-            v = qkv[..., (heads + kv) * d:].view(batch, length, kv, d)  # (B, T, KV, d)
-            if start is None:  # decode: row i writes its one token at its own length
-                kc[index, :, pos] = k[:, :, 0]
-                vc[index, :, pos] = v[:, 0]
-            else:
-                kc[slots[0], :, start:start + length] = k[0]
-                vc[slots[0], :, start:start + length] = v[0].transpose(0, 1)
-            keys, values = kc[rows, :, :width], vc[rows, :, :width]  # (B, KV, width, d)
-            q = q.reshape(batch, kv, self.groups * length, d)  # the query heads of a KV head as one query length
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
-            out = out.view(batch, heads, length, d).transpose(1, 2).reshape(batch, length, heads * d)
+            qk = rope(qkv[..., :(heads + kv) * d].view(n, 1, heads + kv, d).transpose(1, 2))  # q and k at once
+            q, k = qk[:, :heads], qk[:, heads:]  # (N, H, 1, d), (N, KV, 1, d)
+            v = qkv[..., (heads + kv) * d:].view(n, 1, kv, d)  # (N, 1, KV, d)
+            outs = []
+            if b == 1:  # one row: slice writes
+                kc[slots[0], :, pos[0]:pos[0] + 1] = k[0]
+                vc[slots[0], :, pos[0]:pos[0] + 1] = v[0].transpose(0, 1)
+            elif b:  # decode: row i writes its one token at its own length
+                kc[index, :, pos] = k[:b, :, 0]
+                vc[index, :, pos] = v[:b, 0]
+            if b:  # the query heads of a KV head as one query length
+                out = F.scaled_dot_product_attention(q[:b].reshape(b, kv, groups, d), kc[rows, :, :width],
+                                                     vc[rows, :, :width], attn_mask=mask, scale=self.scaling)
+                outs.append(out.reshape(b, heads * d))
+            for c, (first, causal) in zip(chunks, spans):
+                m, end = len(c.ids), c.start + len(c.ids)
+                kc[c.slot, :, c.start:end] = k[first:first + m, :, 0].transpose(0, 1)  # (KV, m, d)
+                vc[c.slot, :, c.start:end] = v[first:first + m, 0].transpose(0, 1)
+                qc = q[first:first + m, :, 0].transpose(0, 1).reshape(1, kv, groups * m, d)
+                width_c = causal.shape[-1]
+                out = F.scaled_dot_product_attention(qc, kc[c.slot:c.slot + 1, :, :width_c],
+                                                     vc[c.slot:c.slot + 1, :, :width_c], attn_mask=causal,
+                                                     scale=self.scaling)
+                outs.append(out.view(heads, m, d).transpose(0, 1).reshape(m, heads * d))
+            out = (outs[0] if len(outs) == 1 else torch.cat(outs)).view(n, 1, heads * d)
             h = h + self._group(layer.o, p.get("o"), out)
             gate, up = self._group(layer.gate_up, p.get("gate_up"), _rms_norm(h, *layer.post_norm)).chunk(2, -1)
             h = h + self._group(layer.down, p.get("down"), _act(layer.act, gate) * up)
