@@ -66,8 +66,8 @@ class PackedLinear:
         self.nbytes = weight.numel() * weight.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1] and x.shape[-1] > ONE_ROW_SUMS_ALIKE:  # one long row: as two (`one_row_as_two`)
-            return one_row_as_two(self._multiply, x)
+        if x.numel() == x.shape[-1] and x.shape[-1] > ONE_ROW_SUMS_ALIKE and x.dtype == torch.bfloat16:
+            return one_row_as_two(self._multiply, x)  # one long bf16 row: as two (see ONE_ROW_SUMS_ALIKE)
         return self._multiply(x)
 
     def _multiply(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,9 @@ class PackedLinear:
 # oneDNN multiplies a single row by a packed weight with a kernel of its own that, for inputs longer than this, sums
 # in another order than its kernel for two or more rows (measured on an AVX512-BF16 EPYC, bf16: every input length up
 # to 1024 agreed, 1152 to 4096 differed in the last bit for 1 to 50% of rows; fp32 likewise). A row decoded alone
-# would then differ from the same row decoded in a batch, so such products run on the row twice.
+# would then differ from the same row decoded in a batch, so bf16 products of such a row run on the row twice. Not
+# in fp32: there MKL's LoRA matmuls and SDPA already round a row differently at different batch sizes, and oneDNN's
+# fp32 kernel for two rows is slower than its single-row one (1536 in, 576 out: 98 vs 67 µs).
 ONE_ROW_SUMS_ALIKE = 1024
 
 

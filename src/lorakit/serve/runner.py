@@ -372,11 +372,16 @@ class SlotRunner:
         chunk, all as rows of the same matmuls (a step of 16 short prompts streams the weights once, not 16
         times); each chunk attends over its own row's cache. Returns the decode rows' logits (B, V) (None without
         decode rows) and each chunk's last-position logits (V,) where it asked for them."""
+        if not decode and not chunks:
+            return None, []
         tokens = [r.token for r in decode] + [t for c in chunks for t in c.ids]
         positions = [r.length for r in decode] + [c.start + i for c in chunks for i in range(len(c.ids))]
         adapters = [r.adapter for r in decode] + [c.adapter for c in chunks for _ in c.ids]
         x = torch.tensor(tokens, device=self.device)[:, None]  # (N, 1): every token a row of the matmuls
         positions = torch.tensor(positions, device=self.device)[:, None]  # (N, 1)
+        if not chunks:  # decode only: the head's rows are the layers' rows
+            with self._rows(adapters):
+                return self._head(self._layers(x, positions, decode, chunks))[:, -1].float(), []
         with self._rows(adapters):
             h = self._layers(x, positions, decode, chunks)  # (N, 1, hidden)
         ends, at = [], len(decode)  # the rows whose logits are wanted: every decode row, chunks' last tokens
@@ -386,13 +391,9 @@ class SlotRunner:
                 ends.append(at - 1)
         if not decode and not ends:
             return None, [None] * len(chunks)
-        if not ends:
-            want, wanted = h[:len(decode)], adapters[:len(decode)]
-        else:
-            rows = list(range(len(decode))) + ends
-            want, wanted = h[rows], [adapters[i] for i in rows]
-        with self._rows(wanted):  # the head may hold adapters too (LoRA on lm_head, modules_to_save)
-            logits = self._head(want)[:, -1].float()
+        rows = list(range(len(decode))) + ends
+        with self._rows([adapters[i] for i in rows]):  # the head may hold adapters (LoRA on lm_head, modules_to_save)
+            logits = self._head(h[rows])[:, -1].float()
         per_chunk, i = [], len(decode)
         for c in chunks:
             per_chunk.append(logits[i] if c.want_logits else None)
@@ -422,12 +423,13 @@ class SlotRunner:
             rows = slice(slots[0], slots[0] + b) if contiguous else index  # a view when the slots are a block
             pos = positions[:b, 0]
             width = _blocks(max(r.length for r in decode) + 1)
-            mask = (torch.arange(width, device=self.device)[None, :] <= positions[:b])[:, None, None, :]  # (b,1,1,w)
+            mask = _additive((torch.arange(width, device=self.device)[None, :] <= positions[:b])[:, None, None, :],
+                             h.dtype)  # (b, 1, 1, width)
         spans, at = [], b  # per chunk: (first row, its causal mask over whole KV blocks of its row)
         for c in chunks:
             width_c = _blocks(c.start + len(c.ids))
             causal = torch.arange(width_c, device=self.device)[None, :] <= positions[at:at + len(c.ids)]
-            spans.append((at, causal.repeat(groups, 1)[None, None]))  # (1, 1, groups·len, width_c), heads folded
+            spans.append((at, _additive(causal.repeat(groups, 1)[None, None], h.dtype)))  # (1, 1, groups·len, w_c)
             at += len(c.ids)
         packed = self.packed or [{} for _ in self.inner.layers]
         for layer, kc, vc, p in zip(self.layers, self.keys, self.values, packed):
@@ -461,6 +463,12 @@ class SlotRunner:
             gate, up = self._group(layer.gate_up, p.get("gate_up"), _rms_norm(h, *layer.post_norm)).chunk(2, -1)
             h = h + self._group(layer.down, p.get("down"), _act(layer.act, gate) * up)
         return h
+
+
+def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the additive one SDPA makes of it (0 where kept, -inf elsewhere), made once per
+    step instead of once per layer inside SDPA."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
 
 
 def _act(fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
