@@ -89,10 +89,8 @@ class _LoraTable:
     def __init__(self, layers: list[nn.Module], order: dict[str, int]):
         self.special: set[str] = set()
         columns: dict[str, list[int]] = {}  # adapter -> its columns of A's rows / B's columns
-        A, B, at = [], [], 0  # B: (out offset, B·scaling) per block
-        out_at, out_sizes = 0, []
+        A, B, at, out_at = [], [], 0, 0  # B: (out offset, B·scaling) per block
         for layer in layers:
-            out_sizes.append(layer.out_features)
             if _tabled(layer):
                 names = [n for n in layer.adapters if type(layer.variant(n)) is LoraVariant]
                 self.special |= set(layer.adapters) - set(names)
@@ -102,17 +100,17 @@ class _LoraTable:
                     B.append((out_at, layer.lora_B[n].weight.detach() * layer.scaling[n]))
                     columns.setdefault(n, []).extend(range(at, at + r))
                     at += r
-            out_at += out_sizes[-1]
+            out_at += layer.out_features
         weight = layers[0].base_layer.weight if isinstance(layers[0], LoraLinear) else layers[0].weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         self.A = self.B = None
-        self.mask = torch.zeros(len(order) + 1, at, dtype=dtype)
+        self.mask = torch.zeros(len(order) + 1, at, dtype=dtype, device=weight.device)
         self.parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter -> its own rows of A, columns of B
         self.layout = tuple((n, tuple(c)) for n, c in columns.items())  # equal layouts: equal masks
         if not A:
             return
         self.A = torch.cat(A).to(dtype)  # (Σr, in)
-        self.B = torch.zeros(out_at, at, dtype=dtype)  # (Σout, Σr)
+        self.B = torch.zeros(out_at, at, dtype=dtype, device=weight.device)  # (Σout, Σr)
         col = 0
         for (row, b), a in zip(B, A):
             self.B[row:row + b.shape[0], col:col + a.shape[0]] = b
@@ -340,7 +338,7 @@ class SlotRunner:
         if missing:
             raise LorakitError(f"Adapter(s) {missing} are not in the runner's LoRA tables; call refresh_adapters "
                                "after loading adapters.")
-        self.step_rows = torch.tensor([self.order[a] if a is not None else 0 for a in adapters])
+        self.step_rows = torch.tensor([self.order[a] if a is not None else 0 for a in adapters], device=self.device)
         self.step_names = {a for a in adapters if a is not None}
         self.step_single = adapters[0] if len(set(adapters)) == 1 and adapters[0] is not None else None
         self.step_plain = not self.residual_layers and not self.step_names & self.own_routing
