@@ -250,9 +250,10 @@ class SlotRunner:
         self.untabled = any(l.adapters for _, l in lora_layers(self.model) if l not in self.tables)
         self.residual_layers = any(l.init_factors for l in layers)
         self.layers = [_layer_parts(layer) for layer in self.inner.layers]  # adding LoRA replaces linears
-        self.group_tables = {group: _LoraTable(list(group), self.order) for parts in self.layers
-                             for group in (parts.qkv, parts.o, parts.gate_up, parts.down)
-                             if any(m in self.tables for m in group)}
+        self.group_tables = {  # a group of one linear (o, down) is that linear's own table, not a second copy
+            group: self.tables[group[0]] if len(group) == 1 else _LoraTable(list(group), self.order)
+            for parts in self.layers for group in (parts.qkv, parts.o, parts.gate_up, parts.down)
+            if any(m in self.tables for m in group)}
         self.tables_version = version
 
     def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
