@@ -25,7 +25,10 @@ gone is taken over. Adapters (LoRA) and every generated output go to benchmarks/
 
 Config keys: name, model, kind (glue | nlg), tasks, methods ({method: {lr: [...], lora: {...LoraConfig fields},
 bottleneck: n, type: lora | full | bitfit | adapter (default: the method's name)}}), budget (steps or epochs, batch_size, max_length, warmup), split (data_seed, select, test, unseen,
-train_examples), eval (max_new_tokens, decoding, num_beams, batch_size, metrics), seeds, select_seeds, select_metric.
+train_examples), eval (max_new_tokens, decoding, num_beams, batch_size, metrics), seeds, select_seeds, select_metric,
+reuse ({method: "<other experiment>.yaml:<its method>"}: that method's runs are taken from the other sweep's runs file
+instead of being run again; allowed only where every setting that shapes a run is the same, checked by hash; the
+reused rows keep `reused_from`).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from typing import Any, Callable, Iterable
 import _common as C
 
 KEYS = {"name", "model", "kind", "tasks", "methods", "budget", "split", "eval", "seeds", "select_seeds",
-        "select_metric", "notes"}
+        "select_metric", "notes", "reuse"}
 REQUIRED = {"name", "model", "kind", "tasks", "methods", "budget", "split", "seeds"}
 METHODS = ("lora", "full", "bitfit", "adapter")
 LOWER_IS_BETTER = {"ter"}
@@ -107,6 +110,43 @@ def settings_hash(cfg: dict[str, Any], task: str, method: str) -> str:
     shaped = {"model": cfg["model"], "kind": cfg["kind"], "task": task, "method": method, "spec": spec,
               "budget": cfg["budget"], "split": cfg["split"], "eval": cfg.get("eval", {})}
     return hashlib.sha256(json.dumps(shaped, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def shape_hash(cfg: dict[str, Any], task: str, method: str) -> str:
+    """A hash of what a run of `method` on `task` trains and how it is scored, whatever the method is called."""
+    spec = {k: v for k, v in cfg["methods"][method].items() if k not in ("lr", "type")}
+    shaped = {"model": cfg["model"], "kind": cfg["kind"], "task": task, "type": method_type(method, cfg["methods"][method]),
+              "spec": spec, "budget": cfg["budget"], "split": cfg["split"], "eval": cfg.get("eval", {})}
+    return hashlib.sha256(json.dumps(shaped, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def reused_rows(cfg: dict[str, Any], config_dir: Path, results: Path) -> list[dict[str, Any]]:
+    """The rows `reuse` takes from other sweeps, renamed to this config's method and carrying its settings hash; an
+    error when the other sweep's method is not the same run (another budget, split, rank...)."""
+    out = []
+    for method, source in (cfg.get("reuse") or {}).items():
+        if method not in cfg["methods"] or not isinstance(source, str) or ":" not in source:
+            raise SystemExit(f"reuse: {method!r}: {source!r} must map a method of this config to "
+                             f"'<experiment>.yaml:<method>' (methods here: {list(cfg['methods'])})")
+        other_path, other_method = source.rsplit(":", 1)
+        other = load_config(config_dir / other_path)
+        if other_method not in other["methods"]:
+            raise SystemExit(f"reuse: {source!r}: {other_path} has no method {other_method!r} "
+                             f"(it has {list(other['methods'])})")
+        rows = current_rows(other, read_rows(results / f"{other['name']}.runs.jsonl"))
+        for task in cfg["tasks"]:
+            if task not in other["tasks"]:
+                continue
+            if shape_hash(other, task, other_method) != shape_hash(cfg, task, method):
+                raise SystemExit(f"reuse: {method!r} <- {source!r} on {task}: the runs differ in a setting (model, "
+                                 "budget, split, eval or the method's settings); make them equal or drop the reuse")
+            for row in rows:
+                if row["task"] == task and row["method"] == other_method:
+                    spec = RunSpec(task, method, float(row["lr"]), int(row["seed"]), row.get("stage", "grid"))
+                    out.append({**row, "run_id": spec.run_id, "method": method, "experiment": cfg["name"],
+                                "settings": settings_hash(cfg, task, method),
+                                "reused_from": f"{other['name']}/{row['run_id']}"})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- plan
@@ -233,12 +273,13 @@ def claim(claims: Path, spec: RunSpec) -> Path | None:
 
 
 def sweep(cfg: dict[str, Any], rows_file: Path, claims: Path, execute: Callable[[dict, RunSpec], dict],
-          max_runs: int | None = None, wait_s: float = 30.0, say: Callable[[str], None] = print) -> int:
-    """Run every missing run of the plan (re-planned after each run, so seed runs start once their grid is done);
-    returns the number of runs this call finished."""
+          max_runs: int | None = None, wait_s: float = 30.0, say: Callable[[str], None] = print,
+          reused: list[dict[str, Any]] = ()) -> int:
+    """Run every missing run of the plan (re-planned after each run, so seed runs start once their grid is done),
+    counting the `reused` rows (reused_rows) as run; returns the number of runs this call finished."""
     done = 0
     while max_runs is None or done < max_runs:
-        rows = current_rows(cfg, read_rows(rows_file))
+        rows = current_rows(cfg, read_rows(rows_file) + list(reused))
         finished = {r["run_id"] for r in rows}
         todo = [s for s in plan(cfg, rows) if s.run_id not in finished]
         spec, held = None, None
@@ -254,7 +295,7 @@ def sweep(cfg: dict[str, Any], rows_file: Path, claims: Path, execute: Callable[
                 continue
             break
         try:
-            if spec.run_id in {r["run_id"] for r in current_rows(cfg, read_rows(rows_file))}:
+            if spec.run_id in {r["run_id"] for r in current_rows(cfg, read_rows(rows_file) + list(reused))}:
                 continue  # finished by another worker between our read and our claim
             say(f"run {spec.run_id} ({spec.stage}); {len(todo) - 1} more known")
             t0 = time.time()
@@ -446,7 +487,9 @@ def report_markdown(cfg: dict[str, Any], agg: dict[str, Any], config_path: str) 
              f"eval: {json.dumps(cfg.get('eval', {}))}. Seeds {cfg['seeds']}; the lr grid ran at seeds "
              f"{cfg['select_seeds']} and the lr with the best mean select-split metric was kept (never the test "
              "split). Test metrics: mean ± sample std (n−1) over the seeds at the chosen lr"
-             + (" (TER: lower is better)." if cfg["kind"] == "nlg" else "."), ""]
+             + (" (TER: lower is better)." if cfg["kind"] == "nlg" else ".")
+             + "".join(f" {m}: its runs are {src}'s (the same settings, checked by hash), not run again."
+                       for m, src in (cfg.get("reuse") or {}).items()), ""]
     body = []
     for entry in agg["results"].values():
         lr = entry["chosen_lr"]
@@ -478,8 +521,9 @@ def report_markdown(cfg: dict[str, Any], agg: dict[str, Any], config_path: str) 
     return "\n".join(lines) + "\n"
 
 
-def write_report(cfg: dict[str, Any], rows_file: Path, out_dir: Path, config_path: str) -> dict[str, Any]:
-    agg = aggregate(cfg, read_rows(rows_file))
+def write_report(cfg: dict[str, Any], rows_file: Path, out_dir: Path, config_path: str,
+                 reused: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    agg = aggregate(cfg, read_rows(rows_file) + list(reused))
 
     def plain(x):  # (mean, std, n) tuples as dicts in the JSON
         if isinstance(x, tuple) and len(x) == 3:
@@ -511,22 +555,25 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
     rows_file = Path(args.out) / f"{cfg['name']}.runs.jsonl"
+    reused = reused_rows(cfg, Path(args.config).parent, Path(args.out))
     if args.command == "run":
         C.set_threads(args.threads)
         print(C.cpu_line(), flush=True)
         n = sweep(cfg, rows_file, Path(args.runs_dir) / cfg["name"] / "claims",
                   lambda c, s: execute(c, s, args.data_dir, Path(args.runs_dir)), max_runs=args.max_runs,
-                  say=lambda m: print(m, flush=True))
+                  say=lambda m: print(m, flush=True), reused=reused)
         print(f"{n} run(s) finished; rows in {rows_file}")
-        write_report(cfg, rows_file, Path(args.out), args.config)
+        write_report(cfg, rows_file, Path(args.out), args.config, reused)
     elif args.command == "status":
-        rows = current_rows(cfg, read_rows(rows_file))
+        rows = current_rows(cfg, read_rows(rows_file) + reused)
         finished = {r["run_id"] for r in rows}
+        taken = {r["run_id"] for r in reused}
         for spec in plan(cfg, rows):
-            print(f"{'done   ' if spec.run_id in finished else 'pending'} {spec.stage:5} {spec.run_id}")
+            state = "reused " if spec.run_id in taken else "done   " if spec.run_id in finished else "pending"
+            print(f"{state} {spec.stage:5} {spec.run_id}")
         print(f"{len(finished)} finished with the current settings")
     else:
-        report = write_report(cfg, rows_file, Path(args.out), args.config)
+        report = write_report(cfg, rows_file, Path(args.out), args.config, reused)
         print((Path(args.out) / f"{cfg['name']}.md").read_text())
         print(f"{report['runs']} runs; {len(report['missing_runs'])} planned runs missing")
 

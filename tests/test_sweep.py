@@ -117,6 +117,35 @@ def test_a_partial_grid_chooses_nothing_and_the_report_says_what_is_missing(tmp_
     assert "grid not complete" in sweep.report_markdown(cfg, agg, "t.yaml")
 
 
+def test_a_setting_run_by_another_sweep_is_reused_only_when_every_setting_is_the_same(tmp_path):
+    import yaml
+
+    first = _cfg(name="first")
+    sweep.sweep(first, tmp_path / "first.runs.jsonl", tmp_path / "c1", _fake([]), say=lambda m: None)
+    (tmp_path / "first.yaml").write_text(yaml.safe_dump(first))
+    # an ablation whose "qv" setting is the first sweep's lora (other name, explicit type) plus a new setting
+    second = _cfg(name="second", methods={"qv": {"type": "lora", "lr": [0.001, 0.01, 0.1], "lora": {"r": 2}},
+                                          "q": {"type": "lora", "lr": [0.001], "lora": {"r": 4}}},
+                  reuse={"qv": "first.yaml:lora"})
+    reused = sweep.reused_rows(second, tmp_path, tmp_path)
+    assert {r["run_id"] for r in reused} == {"sst2/qv/lr=0.001/seed=0", "sst2/qv/lr=0.01/seed=0",
+                                             "sst2/qv/lr=0.1/seed=0", "sst2/qv/lr=0.01/seed=1", "sst2/qv/lr=0.01/seed=2"}
+    assert all(r["reused_from"].startswith("first/sst2/lora/") for r in reused)
+    calls = []
+    sweep.sweep(second, tmp_path / "second.runs.jsonl", tmp_path / "c2", _fake(calls), say=lambda m: None,
+                reused=reused)
+    assert sorted(calls) == ["sst2/q/lr=0.001/seed=0", "sst2/q/lr=0.001/seed=1", "sst2/q/lr=0.001/seed=2"]
+    agg = sweep.aggregate(second, sweep.read_rows(tmp_path / "second.runs.jsonl") + reused)
+    assert agg["results"]["sst2 qv"]["chosen_lr"] == 0.01 and agg["results"]["sst2 qv"]["test"]["accuracy"][2] == 3
+    # another rank is another run: refused, not silently mixed in
+    other = _cfg(name="third", methods={"qv": {"type": "lora", "lr": [0.01], "lora": {"r": 8}}},
+                 reuse={"qv": "first.yaml:lora"})
+    with pytest.raises(SystemExit, match="differ in a setting"):
+        sweep.reused_rows(other, tmp_path, tmp_path)
+    with pytest.raises(SystemExit, match="has no method 'lorax'"):
+        sweep.reused_rows({**second, "reuse": {"qv": "first.yaml:lorax"}}, tmp_path, tmp_path)
+
+
 def test_ter_is_chosen_lowest_and_a_nan_select_score_is_never_chosen():
     cfg = _cfg(kind="nlg", tasks=["e2e"], select_metric="ter", methods={"lora": {"lr": [1.0, 2.0, 3.0]}})
     rows = [{"task": "e2e", "method": "lora", "lr": lr, "seed": 0, "select": {"ter": ter}}
