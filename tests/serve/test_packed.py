@@ -13,6 +13,7 @@ import lorakit as lk
 from conftest import randomize_lora_B, tiny_llama
 from lorakit.serve import kernels
 from lorakit.serve.runner import Chunk, Decode, SlotRunner
+from lorakit.serve.runner import SlotRunner as Runner
 
 needs_packing = pytest.mark.skipif(not kernels.packing_works(torch.float32),
                                    reason="oneDNN packed linear unavailable in this torch build/CPU")
@@ -194,10 +195,12 @@ def mixed_steps(runner: SlotRunner, rows: list[tuple[list[int], str | None]], ch
 
 @pytest.mark.skipif(not kernels.packing_works(torch.bfloat16),
                     reason="no oneDNN bf16 kernels on this CPU (AVX2-only): bf16 serving is not the default here")
-def test_bf16_rows_decode_bit_for_bit_as_alone():
+@pytest.mark.parametrize("native_attention", [True, False], ids=["kernel", "sdpa"])
+def test_bf16_rows_decode_bit_for_bit_as_alone(native_attention):
     """On a bf16 base every row's logits, at every step, are bit for bit those of the row decoded alone: the LoRA
-    tables run in bf16 through the same batch-invariant kernels as the base, and attention reads whole KV blocks
-    (rows of 3..20 tokens cross 16- and 32-position block edges while they decode)."""
+    tables run in bf16 through the same batch-invariant kernels as the base, and decode attention reads each row's
+    own length (lorakit's kernel) or whole KV blocks (SDPA; rows of 3..20 tokens cross 16- and 32-position block
+    edges while they decode)."""
     model = tiny_llama(seed=5, hidden_size=64, intermediate_size=1152)  # down_proj reads 1152 > ONE_ROW_SUMS_ALIKE
     lk.add_lora(model, lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), adapter="qv")
     lk.add_lora(model, lk.LoraConfig(r=2, alpha=8, target_modules=["gate_proj", "down_proj", "v_proj", "o_proj"]),
@@ -221,6 +224,9 @@ def test_bf16_rows_decode_bit_for_bit_as_alone():
             for o, row in zip(out, got):
                 o.append(row)
         return [torch.stack(o) for o in out]
+
+    def SlotRunner(model, slots):  # noqa: N802 - the runner under test, with or without the kernel
+        return Runner(model, slots, native_attention=native_attention)
 
     together = logits(SlotRunner(model, len(rows)), rows)
     for row, got in zip(rows, together):

@@ -56,6 +56,10 @@ class ServeConfig:
     """Continuous scheduler on a CPU: run the frozen base linears from oneDNN-packed copies of their weights
     (q|k|v and gate|up fused), ~1.4x faster batch-1 decode steps; costs one more copy of those weights
     (SmolLM2-135M: +538 MB fp32, +269 MB bf16). Ignored where oneDNN cannot pack (GPUs, quantized bases)."""
+    native_attention: bool = True
+    """Continuous scheduler on a CPU: decode rows attend through lorakit's C++ kernel (`lorakit.serve.native`,
+    compiled on first use, ~10 s), each row over exactly its own cached length: ~3x faster than SDPA over the
+    batch's longest row at 96 rows. Falls back to SDPA where it cannot be built (no C++ compiler) or run (GPUs)."""
     max_body_bytes: int = 1_000_000
     """Largest request body; a bigger one gets 413 (a POST without Content-Length gets 411)."""
     max_prompt_tokens: Optional[int] = None
@@ -92,6 +96,8 @@ class ServeConfig:
             problems.append(f"dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
         if not isinstance(self.pack_weights, bool):
             problems.append(f"pack_weights must be true or false, got {self.pack_weights!r}")
+        if not isinstance(self.native_attention, bool):
+            problems.append(f"native_attention must be true or false, got {self.native_attention!r}")
         if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1:
             problems.append(f"max_body_bytes must be a positive integer, got {self.max_body_bytes!r}")
         if self.max_prompt_tokens is not None and (not isinstance(self.max_prompt_tokens, int)

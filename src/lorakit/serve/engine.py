@@ -87,7 +87,8 @@ class Engine:
         self.stats = {"steps": 0, "rows": 0, "largest_batch": 0, "mixed_adapter_steps": 0}
         self.scheduler = self.runner = None
         if config.scheduler == "continuous":
-            self.runner = SlotRunner(model, config.max_batch_size, pack=config.pack_weights)
+            self.runner = SlotRunner(model, config.max_batch_size, pack=config.pack_weights,
+                                     native_attention=config.native_attention)
             row_tokens = self.context
             if config.kv_cache_mb is not None:
                 row_tokens = min(row_tokens, int(config.kv_cache_mb * 1e6 / self.runner.bytes_per_token)
