@@ -45,6 +45,23 @@ inline float sum16(f16v v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+// The sums of 16 vectors as one vector (lane u = the sum of v[u]): four levels of adding each pair's halves side by
+// side, 15 shuffles in all instead of 16 separate reductions.
+inline f16v sum16x16(const f16v* v) {
+  f16v a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // lanes: v[2i] 8 partial sums | v[2i+1] 8
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)  // 4 partial sums of each of 4 vectors
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)  // 2 partial sums of each of 8 vectors
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
 // e^x for x <= 0 (a score minus the row's largest), 16 at a time, as Cephes' expf: x = n·ln2 + r, e^r by a degree-6
 // polynomial, 2^n through the exponent bits (libm's expf is a scalar call); within 2 ulp of expf; below -87 it
 // gives ~1e-38 where expf gives a subnormal or 0.
@@ -74,24 +91,19 @@ void attend_one(const T* q, const T* keys, const T* values, T* out, int64_t grou
   float* qf = buf.data();
   float* scores = qf + groups * dim;
   for (int64_t i = 0; i < groups * dim; ++i) qf[i] = static_cast<float>(q[i]) * scale;
-  for (int64_t g = 0; g < groups; ++g) {  // four positions at a time: four independent chains of FMAs
+  for (int64_t g = 0; g < groups; ++g) {  // 16 positions at a time: 16 independent dot products, summed as a tree
     const float* qg = qf + g * dim;
     float* sg = scores + g * padded;
     int64_t t = 0;
-    for (; t + 4 <= length; t += 4) {
+    for (; t + kLanes <= length; t += kLanes) {
       const T* k = keys + t * dim;
-      f16v s0 = {}, s1 = {}, s2 = {}, s3 = {};
+      f16v s[kLanes] = {};
       for (int64_t j = 0; j < dim; j += kLanes) {
         const f16v qj = load16(qg + j);
-        s0 += qj * load16(k + j);
-        s1 += qj * load16(k + dim + j);
-        s2 += qj * load16(k + 2 * dim + j);
-        s3 += qj * load16(k + 3 * dim + j);
+        for (int64_t u = 0; u < kLanes; ++u) s[u] += qj * load16(k + u * dim + j);
       }
-      sg[t] = sum16(s0);
-      sg[t + 1] = sum16(s1);
-      sg[t + 2] = sum16(s2);
-      sg[t + 3] = sum16(s3);
+      const f16v sums = sum16x16(s);
+      std::memcpy(sg + t, &sums, sizeof sums);
     }
     for (; t < length; ++t) {
       f16v s0 = {};
