@@ -105,7 +105,7 @@ def test_without_a_working_compiler_the_runner_keeps_sdpa(tmp_path, monkeypatch)
         native.build("decode_attention")
     assert not list((tmp_path / "kernels").iterdir())  # nothing half-built left behind
     monkeypatch.setenv("LORAKIT_NATIVE", "0")
-    native.decode_attention_op.cache_clear()
+    native._op.cache_clear()
     try:
         assert native.decode_attention_op() is None
         model = tiny_llama(seed=1)
@@ -116,7 +116,7 @@ def test_without_a_working_compiler_the_runner_keeps_sdpa(tmp_path, monkeypatch)
         assert runner.decode([0], [7], [3], [None]).shape == (1, model.config.vocab_size)
     finally:
         monkeypatch.delenv("LORAKIT_NATIVE")
-        native.decode_attention_op.cache_clear()
+        native._op.cache_clear()
 
 
 @needs_kernel
@@ -138,3 +138,49 @@ def test_the_runner_decodes_through_the_kernel_as_through_sdpa():
     fast, slow = SlotRunner(model, 3), SlotRunner(model, 3, native_attention=False)
     assert fast.attend is not None and slow.attend is None
     assert tokens(fast) == tokens(slow)
+
+
+rows_op = native.linear_rows_op()
+needs_rows_kernel = pytest.mark.skipif(rows_op is None, reason="the C++ kernel cannot be built here")
+
+
+@needs_rows_kernel
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_linear_rows_is_the_linears_outputs_side_by_side(rows):
+    gen = torch.Generator().manual_seed(rows)
+    weights = [torch.randn(n, 96, generator=gen) for n in (64, 24, 7, 16)]  # whole and partial 16-row blocks
+    x = torch.randn(rows, 96, generator=gen)
+    got = rows_op(x, weights)
+    want = torch.cat([x.double() @ w.double().T for w in weights], -1)
+    assert got.shape == (rows, 111) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+
+
+@needs_rows_kernel
+def test_linear_rows_refuses_what_it_cannot_multiply():
+    w = torch.randn(8, 32)
+    with pytest.raises(RuntimeError, match="float32 CPU matrix"):
+        rows_op(torch.randn(1, 32).double(), [w])
+    with pytest.raises(RuntimeError, match="not a multiple of 16"):
+        rows_op(torch.randn(1, 24), [torch.randn(8, 24)])
+    with pytest.raises(RuntimeError, match=r"contiguous float32 CPU matrices \(out, 32\)"):
+        rows_op(torch.randn(1, 32), [w, torch.randn(32, 8).T])
+
+
+@needs_rows_kernel
+def test_a_packed_fp32_linear_runs_one_or_two_rows_through_the_kernel():
+    from torch import nn
+
+    from lorakit.serve import kernels
+
+    if not kernels.packing_works(torch.float32):
+        pytest.skip("oneDNN cannot pack fp32 here")
+    torch.manual_seed(0)
+    layers = [nn.Linear(64, 48, bias=True), nn.Linear(64, 32, bias=False)]
+    packed = kernels.pack(layers)
+    assert packed.few_rows is not None
+    for rows in (1, 2, 3):
+        x = torch.randn(rows, 1, 64)
+        want = torch.cat([l(x) for l in layers], -1)
+        torch.testing.assert_close(packed(x), want, rtol=1e-5, atol=1e-5)
+    assert kernels.pack([nn.Linear(64, 48).to(torch.bfloat16)]).few_rows is None  # bf16 rows stay oneDNN's

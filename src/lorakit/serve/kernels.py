@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.serve.native import linear_rows_op
+
 
 @functools.lru_cache(maxsize=None)
 def packing_works(dtype: torch.dtype) -> bool:
@@ -64,8 +66,15 @@ class PackedLinear:
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [b.detach() if b is not None else weight.new_zeros(n) for b, n in zip(biases, self.sizes)])
         self.nbytes = weight.numel() * weight.element_size()
+        # fp32, one or two rows: lorakit's kernel on the modules' own weights (no copy), see FEW_ROWS
+        few = linear_rows_op() if weight.dtype == torch.float32 and weight.shape[1] % 16 == 0 else None
+        self.few_rows = (few, weights) if few is not None and all(w.is_contiguous() for w in weights) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.few_rows is not None and x.numel() <= FEW_ROWS * x.shape[-1]:
+            op, weights = self.few_rows
+            out = op(x.reshape(-1, x.shape[-1]), weights).view(x.shape[:-1] + (-1,))
+            return out if self.bias is None else out.add_(self.bias)
         if x.numel() == x.shape[-1] and x.shape[-1] > ONE_ROW_SUMS_ALIKE and x.dtype == torch.bfloat16:
             return one_row_as_two(self._multiply, x)  # one long bf16 row: as two (see ONE_ROW_SUMS_ALIKE)
         return self._multiply(x)
@@ -73,6 +82,11 @@ class PackedLinear:
     def _multiply(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
+
+# fp32 products of at most this many rows (a decode step of one or two rows) run through lorakit's kernel
+# (`lorakit.serve.native`, csrc/linear_rows.cpp) on the modules' own weights: oneDNN's packed fp32 kernel streamed the
+# weights at ~21 GB/s for one row on a 2-core EPYC. Not in bf16, whose rows must stay oneDNN's (batch-invariant) rows.
+FEW_ROWS = 2
 
 # oneDNN multiplies a single row by a packed weight with a kernel of its own that, for inputs longer than this, sums
 # in another order than its kernel for two or more rows (measured on an AVX512-BF16 EPYC, bf16: every input length up

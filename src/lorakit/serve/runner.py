@@ -27,8 +27,9 @@ and again when a base weight changes (an adapter merged into it, a PiSSA/OLoRA r
 base cannot be shared this step (a DoRA row, which reads W; a PiSSA/OLoRA layer) runs its own forward instead.
 `pack=False`, a GPU, or a dtype oneDNN does not pack keeps every base linear on plain `F.linear`.
 
-A decode step at batch 1 is mostly per-operator overhead beside the weight-streaming matmuls (SmolLM2-135M, 2 cores:
-~24 ms of packed fp32 matmuls in a ~35 ms step), so the layer loop keeps operators few: q|k|v leave the packed
+A decode step at batch 1 is the weight-streaming matmuls plus per-operator overhead (SmolLM2-135M, 2 cores: ~26 ms
+of packed fp32 matmuls in a ~36 ms step; with fp32 steps of one or two rows on lorakit's kernel, `kernels.FEW_ROWS`,
+~17.5 ms in a ~28 ms step), so the layer loop keeps operators few: q|k|v leave the packed
 weight as one tensor and each LoRA delta is added into its columns in place, rotary runs on q and k at once, and each
 layer's modules are looked up once per adapter change (`_Layer`), not at every step. `torch.compile` of the loop
 was measured and not taken (fp32, batch 1: 47 ms/step after 88 s of compiling, recompiled per adapter; Inductor
