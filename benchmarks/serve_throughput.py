@@ -57,13 +57,25 @@ def make_adapters(folder: Path, count: int, model_name: str) -> None:
         name = f"a{i:02d}"
         lk.add_lora(model, lk.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]), adapter=name)
         gen = torch.Generator().manual_seed(1000 + i)
-        with torch.no_grad():
+        with torch.no_grad():  # A and B both from the seed: every run of this script serves the same adapters
             for _, layer in lk.lora_layers(model):
                 if name in layer.adapters:
+                    a = layer.lora_A[name].weight
+                    a.copy_((torch.rand(a.shape, generator=gen) * 2 - 1) / a.shape[1] ** 0.5)  # kaiming-uniform-like
                     w = layer.lora_B[name].weight
                     w.copy_(torch.randn(w.shape, generator=gen) * 0.02)
         lk.save_adapter(model, folder / name, adapter=name)
         lk.delete_adapter(model, name)
+
+
+def adapters_fingerprint(folder: Path) -> str:
+    """A hash of the adapter files, so outputs are compared only between runs that served the same adapters."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def workload(n: int, seed: int, adapters: list[str], mix: str, prompt_range, new_range, vocab: int) -> list[dict]:
@@ -387,16 +399,24 @@ def render(data: dict) -> str:
         for r in profile_rows:
             lines.append(f"| {r['path']} | {r['dtype']} | {r['ms_per_step']} | "
                          + " | ".join(str(r.get(k)) for k in cols) + " |")
-    same = {}
-    outputs = data.get("outputs", {})
+    same, skipped = {}, []
+    outputs, served = data.get("outputs", {}), data.get("output_adapters") or {}
     for k, b in outputs.items():
         scheduler, arrival, mix = k.split("|")
-        if scheduler.startswith("continuous") and f"static|{arrival}|{mix}" in outputs and scheduler == "continuous":
-            a_ = outputs[f"static|{arrival}|{mix}"]
+        for ours, theirs in (("continuous", "static"), ("continuous", "vllm-fp32")):
+            other = f"{theirs}|{arrival}|{mix}"
+            if scheduler != ours or other not in outputs:
+                continue
+            if served.get(k) is None or served.get(k) != served.get(other):  # other adapter weights: not comparable
+                skipped.append(f"{theirs} {arrival} {mix}")
+                continue
+            a_ = outputs[other]
             common = set(a_) & set(b)
-            same[f"{arrival} {mix}"] = {"compared": len(common), "different": sum(a_[i] != b[i] for i in common)}
+            same[f"{theirs} {arrival} {mix}"] = {"compared": len(common), "different": sum(a_[i] != b[i] for i in common)}
     if same:
-        lines.append(f"\nGreedy outputs, static vs continuous (both fp32), request by request: {same}")
+        lines.append(f"\nGreedy outputs vs continuous (all fp32), request by request: {same}")
+    if skipped:
+        lines.append(f"Not compared (served adapters that differ from the continuous run's): {', '.join(skipped)}")
     for name, v in (data.get("alone_mismatches") or {}).items():
         lines.append(f"{name} under load (burst, uniform) vs the same request alone: {v[0]} of {v[1]} differ.")
     return "\n".join(lines) + "\n"
@@ -446,10 +466,10 @@ def main() -> None:
 
     print(cpu_line(), flush=True)
     data = {"cpu": cpu_info(), "cpu_line": cpu_line(), "args": vars(args), "rows": [], "outputs": {},
-            "decode_step_profile": [], "llama": [], "alone_mismatches": {}}
+            "decode_step_profile": [], "llama": [], "alone_mismatches": {}, "output_adapters": {}}
     if args.merge:
         old = json.loads(out.with_suffix(".json").read_text())
-        for k in ("rows", "outputs", "decode_step_profile", "llama", "alone_mismatches"):
+        for k in ("rows", "outputs", "decode_step_profile", "llama", "alone_mismatches", "output_adapters"):
             data[k] = old.get(k) or data[k]
     if args.profile:
         data["decode_step_profile"] = profile_step(args.model, args.threads)
@@ -459,6 +479,7 @@ def main() -> None:
         folder = Path(tmp) / "adapters"
         make_adapters(folder, args.adapters, args.model)
         names = sorted(p.name for p in folder.iterdir())
+        fingerprint = adapters_fingerprint(folder)
         from lorakit.models.loading import load_model
 
         base, tokenizer = load_model(args.model)
@@ -495,6 +516,7 @@ def main() -> None:
                 mine.append({"scheduler": scheduler, "arrival": arrival, "mix": mix, **summarize(results, wall, errors),
                              "load": f"{load:.1f} → {os.getloadavg()[0]:.1f}"})
                 data["outputs"][key(mine[-1])] = {str(r["id"]): r["text"] for r in results}
+                data["output_adapters"][key(mine[-1])] = fingerprint
                 print(json.dumps(mine[-1]), flush=True)
             if kind == "continuous" and args.alone and "uniform" in args.mixes:
                 requests = workload(args.requests, args.seed, names, "uniform", args.prompt_len, args.max_new, vocab)
