@@ -429,6 +429,8 @@ def main() -> None:
                         help="Poisson arrival rates (requests/s), adapters uniform")
     parser.add_argument("--mixes", nargs="*", default=["uniform", "80/20"], choices=["uniform", "80/20"],
                         help="adapter mixes of the burst")
+    parser.add_argument("--rate-mixes", nargs="*", default=["uniform"], choices=["uniform", "80/20"],
+                        help="adapter mixes of each Poisson rate")
     parser.add_argument("--servers", nargs="*", default=["static", "continuous"],
                         choices=["static", "continuous", "continuous-bf16", "vllm-fp32", "vllm-bf16"],
                         help="continuous-bf16: the continuous scheduler on a bf16 base (LoRA deltas in bf16); "
@@ -473,7 +475,7 @@ def main() -> None:
             data[k] = old.get(k) or data[k]
     if args.profile:
         data["decode_step_profile"] = profile_step(args.model, args.threads)
-    scenarios = [(None, mix) for mix in args.mixes] + [(rate, "uniform") for rate in args.rates]
+    scenarios = [(None, mix) for mix in args.mixes] + [(rate, mix) for rate in args.rates for mix in args.rate_mixes]
     new_rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "adapters"
