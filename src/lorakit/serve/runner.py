@@ -9,8 +9,9 @@ boolean row mask), and padding every row to the longest prompt (here prompts go 
 rows). Grouped-query attention runs without repeating K/V: the query heads that share a KV head are folded into the
 query length of one attention call. On a CPU the decode rows attend through lorakit's C++ kernel
 (`lorakit.serve.native`), each over exactly its own cached length (SDPA read every row to the step's longest row, and
-its kernel is built for long queries): a bf16 step of 96 decode rows went from 277 to 157 ms (SmolLM2-135M, 2 cores). A step of 64 decode rows and 14 prompt chunks (1,927 tokens, SmolLM2-135M, 2
-cores) took 2.9–3.1 s fp32 and 1.6–1.8 s bf16 as one forward against 3.2–3.4 s and 1.9–2.0 s as 15 forwards.
+its kernel is built for long queries): a bf16 step of 96 decode rows went from 277 to 157 ms (SmolLM2-135M, 2
+cores). A step of 64 decode rows and 14 prompt chunks (1,927 tokens) took 2.9–3.1 s fp32 and 1.6–1.8 s bf16 as one
+forward against 3.2–3.4 s and 1.9–2.0 s as 15 forwards.
 
 LoRA runs batched across adapters (as Punica's BGMV/SGMV kernels do on GPUs): the linears that read one input (q|k|v,
 gate|up; o and down alone) keep the A and B of all their resident plain-LoRA adapters side by side (`_LoraTable`), so
@@ -29,11 +30,11 @@ base cannot be shared this step (a DoRA row, which reads W; a PiSSA/OLoRA layer)
 
 A decode step at batch 1 is the weight-streaming matmuls plus per-operator overhead (SmolLM2-135M, 2 cores: ~26 ms
 of packed fp32 matmuls in a ~36 ms step; with fp32 steps of one or two rows on lorakit's kernel, `kernels.FEW_ROWS`,
-~17.5 ms in a ~28 ms step), so the layer loop keeps operators few: q|k|v leave the packed
-weight as one tensor and each LoRA delta is added into its columns in place, rotary runs on q and k at once, and each
-layer's modules are looked up once per adapter change (`_Layer`), not at every step. `torch.compile` of the loop
-was measured and not taken (fp32, batch 1: 47 ms/step after 88 s of compiling, recompiled per adapter; Inductor
-cannot take the packed weights as inputs).
+~17.5 ms in a ~28 ms step), so the layer loop keeps operators few: q|k|v leave the packed weight as one tensor and
+each LoRA delta is added into its columns in place, rotary runs on q and k at once, and each layer's modules are
+looked up once per adapter change (`_Layer`), not at every step. `torch.compile` of the loop was measured and not
+taken (fp32, batch 1: 47 ms/step after 88 s of compiling, recompiled per adapter; Inductor cannot take the packed
+weights as inputs).
 """
 
 from __future__ import annotations
