@@ -104,20 +104,26 @@ def select_metric(cfg: dict[str, Any], task: str) -> str:
     return "bleu"
 
 
+def _run_settings(cfg: dict[str, Any], task: str, method: str, drop: tuple[str, ...]) -> dict[str, Any]:
+    """The settings that shape a run of `method` on `task`, its method entry without the keys in `drop`."""
+    spec = {k: v for k, v in cfg["methods"][method].items() if k not in drop}
+    return {"model": cfg["model"], "kind": cfg["kind"], "task": task, "spec": spec, "budget": cfg["budget"],
+            "split": cfg["split"], "eval": cfg.get("eval", {})}
+
+
+def _digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def settings_hash(cfg: dict[str, Any], task: str, method: str) -> str:
     """A hash of every setting that shapes a run of `method` on `task`, except its lr and seed (in the run id)."""
-    spec = {k: v for k, v in cfg["methods"][method].items() if k != "lr"}
-    shaped = {"model": cfg["model"], "kind": cfg["kind"], "task": task, "method": method, "spec": spec,
-              "budget": cfg["budget"], "split": cfg["split"], "eval": cfg.get("eval", {})}
-    return hashlib.sha256(json.dumps(shaped, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return _digest({**_run_settings(cfg, task, method, ("lr",)), "method": method})
 
 
 def shape_hash(cfg: dict[str, Any], task: str, method: str) -> str:
     """A hash of what a run of `method` on `task` trains and how it is scored, whatever the method is called."""
-    spec = {k: v for k, v in cfg["methods"][method].items() if k not in ("lr", "type")}
-    shaped = {"model": cfg["model"], "kind": cfg["kind"], "task": task, "type": method_type(method, cfg["methods"][method]),
-              "spec": spec, "budget": cfg["budget"], "split": cfg["split"], "eval": cfg.get("eval", {})}
-    return hashlib.sha256(json.dumps(shaped, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return _digest({**_run_settings(cfg, task, method, ("lr", "type")),
+                    "type": method_type(method, cfg["methods"][method])})
 
 
 def reused_rows(cfg: dict[str, Any], config_dir: Path, results: Path) -> list[dict[str, Any]]:
