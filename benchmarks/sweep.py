@@ -24,7 +24,7 @@ creating benchmarks/runs/<name>/claims/<run> (holding the worker's pid) exclusiv
 gone is taken over. Adapters (LoRA) and every generated output go to benchmarks/runs/<name>/<run>/ (git-ignored).
 
 Config keys: name, model, kind (glue | nlg), tasks, methods ({method: {lr: [...], lora: {...LoraConfig fields},
-bottleneck: n, type: lora | full | bitfit | adapter (default: the method's name)}}), budget (steps or epochs, batch_size, max_length, warmup), split (data_seed, select, test, unseen,
+bottleneck: n, type: lora | full | bitfit | adapter (default: the method's name)}}), budget (steps or epochs, batch_size, max_length, warmup, precision: fp32 | bf16 autocast with fp32 weights), split (data_seed, select, test, unseen,
 train_examples), eval (max_new_tokens, decoding, num_beams, batch_size, metrics), seeds, select_seeds, select_metric,
 reuse ({method: "<other experiment>.yaml:<its method>"}: that method's runs are taken from the other sweep's runs file
 instead of being run again; allowed only where every setting that shapes a run is the same, checked by hash; the
@@ -52,6 +52,8 @@ KEYS = {"name", "model", "kind", "tasks", "methods", "budget", "split", "eval", 
         "select_metric", "notes", "reuse"}
 REQUIRED = {"name", "model", "kind", "tasks", "methods", "budget", "split", "seeds"}
 METHODS = ("lora", "full", "bitfit", "adapter")
+BUDGET_KEYS = {"steps", "epochs", "batch_size", "max_length", "warmup", "precision"}
+PRECISIONS = ("fp32", "bf16")
 LOWER_IS_BETTER = {"ter"}
 NLG_METRICS = ("bleu", "meteor", "ter", "rouge_l", "nist", "cider")
 
@@ -80,6 +82,10 @@ def load_config(path: str | Path) -> dict[str, Any]:
     budget = cfg.get("budget") or {}
     if ("steps" in budget) == ("epochs" in budget):
         problems.append("budget needs exactly one of steps or epochs")
+    if set(budget) - BUDGET_KEYS:
+        problems.append(f"unknown budget keys {sorted(set(budget) - BUDGET_KEYS)} (allowed: {sorted(BUDGET_KEYS)})")
+    if budget.get("precision", "fp32") not in PRECISIONS:
+        problems.append(f"budget precision must be one of {list(PRECISIONS)}, got {budget['precision']!r}")
     if problems:
         raise SystemExit(f"{path}: " + "; ".join(problems))
     cfg.setdefault("select_seeds", cfg["seeds"][:1])
@@ -339,7 +345,7 @@ def glue_data(task: str, data_dir: str, split: dict[str, Any]) -> dict[str, list
     return {"train": pool, "select": select, "test": C.load_glue(task, "validation", data_dir)}
 
 
-def execute(cfg: dict[str, Any], spec: RunSpec, data_dir: str, runs_dir: Path, bf16: bool = False) -> dict[str, Any]:
+def execute(cfg: dict[str, Any], spec: RunSpec, data_dir: str, runs_dir: Path) -> dict[str, Any]:
     """Load the model fresh, make `spec.method`'s parameters trainable, train, score select and test."""
     import torch
     from lorakit import LoraConfig, load_model, save_adapter
@@ -373,6 +379,7 @@ def execute(cfg: dict[str, Any], spec: RunSpec, data_dir: str, runs_dir: Path, b
     row: dict[str, Any] = {"trainable_params": trainable, "total_params": total,
                            "trainable_pct": C.pct(trainable, total), "train_pairs": len(data["train"]),
                            "epochs": round(steps * int(budget["batch_size"]) / len(data["train"]), 3)}
+    bf16 = budget.get("precision", "fp32") == "bf16"
     row.update(C.train(model, batches, steps, spec.lr, bf16, warmup=int(budget.get("warmup", 10)),
                        tag=f"{cfg['name']}/{spec.run_id}"))
     if kind == "lora":

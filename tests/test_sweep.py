@@ -164,6 +164,11 @@ def test_unknown_config_keys_and_missing_grids_are_errors(tmp_path):
         sweep.load_config(path)
     path.write_text(path.read_text().replace("lorax", "lora"))
     assert sweep.method_type("lora_r1", sweep.load_config(path)["methods"]["lora_r1"]) == "lora"
+    path.write_text(path.read_text().replace("{steps: 1}", "{steps: 1, precision: fp16, lr: 1}"))
+    with pytest.raises(SystemExit, match=r"unknown budget keys \['lr'\].*precision must be one of \['fp32', 'bf16'\]"):
+        sweep.load_config(path)
+    path.write_text(path.read_text().replace("precision: fp16, lr: 1", "precision: bf16"))
+    assert sweep.load_config(path)["budget"]["precision"] == "bf16"
 
 
 def test_entries_are_cut_into_disjoint_parts_with_unseen_categories_all_in_test():
