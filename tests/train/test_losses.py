@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -77,3 +79,29 @@ def test_bf16_head_matches_fp32_reference_of_the_same_values():
     (oh,) = torch.autograd.grad(ours, (h,))
     assert oh.dtype == torch.bfloat16
     assert abs(ours.item() - ref.item()) < 2e-2
+
+
+def test_a_peft_prefix_tuning_model_trains_through_its_own_forward():
+    """PEFT puts prefix-tuning's virtual tokens into past_key_values in its own forward: the loss must come from it,
+    else the prefix is not in the graph and training silently does nothing."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    torch.manual_seed(0)
+    ids = torch.randint(1, 97, (2, 10))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    mask = torch.ones_like(ids)
+    with warnings.catch_warnings():  # PEFT's own calls: transformers deprecation notices
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(tiny_llama(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+        expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        with model.disable_adapter():
+            base = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # lorakit's path through PEFT prints nothing
+        ours = causal_lm_loss(model, ids, labels, attention_mask=mask)
+    assert ours.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert abs(ours.item() - base.item()) > 1e-4  # the prefix changes the loss
+    ours.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -10,6 +10,8 @@ tokens) to float rounding.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,8 +99,14 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     """Next-token loss of a Hugging Face causal LM, mean over labelled positions (labels == -100 are ignored).
 
     Equals `model(input_ids, attention_mask=..., labels=labels).loss` for models without logit soft-capping or
-    scaling; falls back to that exact call when the output head is not a plain linear layer (e.g. LoRA on lm_head).
+    scaling; falls back to that exact call when the output head is not a plain linear layer (e.g. LoRA on lm_head),
+    and for PEFT prompt-learning models (prefix, prompt, p-tuning), whose virtual tokens only PEFT's forward adds.
     """
+    peft_config = getattr(model, "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False):
+        with warnings.catch_warnings():  # PEFT's prefix path calls transformers APIs that are deprecated, not wrong
+            warnings.filterwarnings("ignore", r".*(past_key_values|is_gradient_checkpointing).*", FutureWarning)
+            return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **model_kwargs).loss
     if hasattr(model, "get_base_model"):  # a PEFT-wrapped model: work on the transformers model inside
         model = model.get_base_model()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
