@@ -28,7 +28,8 @@ bottleneck: n, type: lora | full | bitfit | adapter (default: the method's name)
 train_examples), eval (max_new_tokens, decoding, num_beams, batch_size, metrics), seeds, select_seeds, select_metric,
 reuse ({method: "<other experiment>.yaml:<its method>"}: that method's runs are taken from the other sweep's runs file
 instead of being run again; allowed only where every setting that shapes a run is the same, checked by hash; the
-reused rows keep `reused_from`).
+reused rows keep `reused_from`), compare_to (the method every other is tested against in the report: the difference
+of the seed means and Welch's t-test p per test metric; default the first method).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from typing import Any, Callable, Iterable
 import _common as C
 
 KEYS = {"name", "model", "kind", "tasks", "methods", "budget", "split", "eval", "seeds", "select_seeds",
-        "select_metric", "notes", "reuse"}
+        "select_metric", "notes", "reuse", "compare_to"}
 REQUIRED = {"name", "model", "kind", "tasks", "methods", "budget", "split", "seeds"}
 METHODS = ("lora", "full", "bitfit", "adapter")
 BUDGET_KEYS = {"steps", "epochs", "batch_size", "max_length", "warmup", "precision"}
@@ -462,6 +463,7 @@ def aggregate(cfg: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]
                 entry["seeds"] = [r["seed"] for r in at_lr]
                 entry["test"] = {m: mean_std(r["test"].get(m) for r in at_lr)
                                  for m in sorted({m for r in at_lr for m in r["test"]})}
+                entry["per_seed"] = {m: [r["test"].get(m) for r in at_lr] for m in entry["test"]}
                 groups = sorted({g for r in at_lr for g in r.get("test_groups", {})})
                 if groups:
                     entry["test_groups"] = {g: {m: mean_std(r["test_groups"][g].get(m) for r in at_lr
@@ -473,10 +475,42 @@ def aggregate(cfg: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]
             results[f"{task} {method}"] = entry
     finished = {r["run_id"] for r in rows}
     missing = [s.run_id for s in plan(cfg, rows) if s.run_id not in finished]
+    compared = compare(cfg, results)
     unplanned = [f"{t} {m}: seeds {[s for s in cfg['seeds'] if s not in cfg['select_seeds']]} wait for the lr grid"
                  for t in cfg["tasks"] for m in cfg["methods"] if choose_lr(cfg, rows, t, m)[0] is None
                  and len(cfg["seeds"]) > len(cfg["select_seeds"])]
-    return {"results": results, "missing_runs": missing, "not_yet_planned": unplanned, "runs": len(rows)}
+    return {"results": results, "comparisons": compared, "missing_runs": missing, "not_yet_planned": unplanned,
+            "runs": len(rows)}
+
+
+def welch_p(a: list[float], b: list[float]) -> float:
+    """Two-sided p of Welch's t-test (unequal variances) between two sets of seed results; NaN below 2 each."""
+    from scipy import stats
+
+    a, b = [float(x) for x in a if x is not None], [float(x) for x in b if x is not None]
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def compare(cfg: dict[str, Any], results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every method against `compare_to` (default the first method) on the same task, per test metric: the two
+    seed means' difference (method − reference) and Welch's p over the seeds at each one's chosen lr."""
+    reference = cfg.get("compare_to") or next(iter(cfg["methods"]))
+    if reference not in cfg["methods"]:
+        raise SystemExit(f"compare_to: {reference!r} is not a method of this config (methods: {list(cfg['methods'])})")
+    out = []
+    for task in cfg["tasks"]:
+        ref = results.get(f"{task} {reference}", {})
+        for method in cfg["methods"]:
+            mine = results.get(f"{task} {method}", {})
+            if method == reference or "per_seed" not in mine or "per_seed" not in ref:
+                continue
+            metrics = {m: {"delta": mine["test"][m][0] - ref["test"][m][0],
+                           "p": welch_p(mine["per_seed"][m], ref["per_seed"][m])}
+                       for m in mine["per_seed"] if m in ref["per_seed"]}
+            out.append({"task": task, "method": method, "reference": reference, "metrics": metrics})
+    return out
 
 
 def _pm(stat: tuple[float, float, int] | None, digits: int = 2) -> str:
@@ -522,6 +556,22 @@ def report_markdown(cfg: dict[str, Any], agg: dict[str, Any], config_path: str) 
         lines += _table(["task", "method", "group"] + present,
                         [[e["task"], e["method"], g] + [_pm(stats.get(m)) for m in present]
                          for e in grouped for g, stats in e["test_groups"].items()], len(present))
+    if agg.get("comparisons"):
+        ref = agg["comparisons"][0]["reference"]
+        first = next(m for m in present)
+        lines += ["", f"Per seed and against {ref} (difference of the seed means, method − {ref}; Welch's t-test p "
+                  "over the seeds, two-sided; TER: lower is better):", ""]
+        against = {(c["task"], c["method"]): c["metrics"] for c in agg["comparisons"]}
+        body = []
+        for e in agg["results"].values():
+            if "per_seed" not in e:
+                continue
+            deltas = against.get((e["task"], e["method"]))
+            body.append([e["task"], e["method"], " / ".join(f"{v:.2f}" for v in e["per_seed"][first])]
+                        + [("—" if deltas is None else f"{deltas[m]['delta']:+.2f} ({deltas[m]['p']:.3f})"
+                            if m in deltas else "–") for m in present])
+        lines += _table(["task", "method", f"test {first} per seed"] + [f"Δ{m} (p)" for m in present], body,
+                        len(present))
     lines += ["", "The lr grid (mean select-split metric over the grid seeds):", ""]
     lines += _table(["task", "method", "lr: select metric"],
                     [[e["task"], e["method"], ", ".join(f"{lr}: {v:.2f}" if math.isfinite(v) else f"{lr}: n/a"

@@ -108,6 +108,25 @@ def test_the_lr_is_chosen_on_the_select_split_and_seeds_are_aggregated(tmp_path)
     assert json.loads((tmp_path / "t.json").read_text())["runs"] == 8
 
 
+def test_every_method_is_tested_against_the_reference_with_welchs_t_test(tmp_path):
+    from scipy import stats
+
+    cfg, rows_file = _cfg(), tmp_path / "t.runs.jsonl"
+    sweep.sweep(cfg, rows_file, tmp_path / "c", _fake([]), say=lambda m: None)
+    (full,) = sweep.aggregate(cfg, sweep.read_rows(rows_file))["comparisons"]  # lora is the first method
+    assert (full["method"], full["reference"]) == ("full", "lora")
+    # by hand: full 71, 72, 73 against lora 75, 76, 77 -> t = -4 / sqrt(1/3 + 1/3), Welch-Satterthwaite df = 4
+    t = -4.0 / ((1 / 3 + 1 / 3) ** 0.5)
+    assert full["metrics"]["accuracy"]["delta"] == pytest.approx(-4.0)
+    assert full["metrics"]["accuracy"]["p"] == pytest.approx(2 * stats.t.sf(abs(t), 4))
+    md = sweep.report_markdown(cfg, sweep.aggregate(cfg, sweep.read_rows(rows_file)), "t.yaml")
+    assert "| sst2 | lora | 75.00 / 76.00 / 77.00 | — |" in md
+    assert f"| sst2 | full | 71.00 / 72.00 / 73.00 | -4.00 ({2 * stats.t.sf(abs(t), 4):.3f}) |" in md
+    assert sweep.welch_p([1.0], [2.0, 3.0]) != sweep.welch_p([1.0], [2.0, 3.0])  # NaN with one seed
+    with pytest.raises(SystemExit, match="compare_to: 'dora' is not a method"):
+        sweep.aggregate({**cfg, "compare_to": "dora"}, sweep.read_rows(rows_file))
+
+
 def test_a_partial_grid_chooses_nothing_and_the_report_says_what_is_missing(tmp_path):
     cfg, rows_file = _cfg(), tmp_path / "t.runs.jsonl"
     sweep.sweep(cfg, rows_file, tmp_path / "c", _fake([]), max_runs=2, say=lambda m: None)
