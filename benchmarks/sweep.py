@@ -605,6 +605,20 @@ def write_report(cfg: dict[str, Any], rows_file: Path, out_dir: Path, config_pat
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
+def check_precision(cfg: dict[str, Any], config_path: str, speedup: Callable[[], float] | None = None) -> None:
+    """Refuse a bf16 budget where this CPU has no fast bf16 (AVX2-only: bf16 matmuls are emulated, ~70x slower than
+    fp32, so a one-hour run would take days)."""
+    if cfg["budget"].get("precision", "fp32") != "bf16":
+        return
+    from lorakit.hardware import bf16_speedup
+
+    measured = (speedup or bf16_speedup)()
+    if measured < 1.0:
+        raise SystemExit(f"{config_path}: budget precision is bf16, but a bf16 matmul runs at {measured:.2f}x the "
+                         "speed of fp32 on this CPU (no AVX512-BF16 or AMX); set `precision: fp32` in the budget "
+                         "(its runs get their own settings hash) or run this sweep on a CPU or GPU with fast bf16")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "status", "report"])
@@ -622,6 +636,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "run":
         C.set_threads(args.threads)
         print(C.cpu_line(), flush=True)
+        check_precision(cfg, args.config)
         n = sweep(cfg, rows_file, Path(args.runs_dir) / cfg["name"] / "claims",
                   lambda c, s: execute(c, s, args.data_dir, Path(args.runs_dir)), max_runs=args.max_runs,
                   say=lambda m: print(m, flush=True), reused=reused)

@@ -127,6 +127,14 @@ def test_every_method_is_tested_against_the_reference_with_welchs_t_test(tmp_pat
         sweep.aggregate({**cfg, "compare_to": "dora"}, sweep.read_rows(rows_file))
 
 
+def test_a_bf16_budget_is_refused_where_bf16_is_slow_and_fp32_always_runs():
+    cfg = _cfg(budget={"steps": 3, "batch_size": 2, "precision": "bf16"})
+    with pytest.raises(SystemExit, match=r"bf16 matmul runs at 0.01x .* set `precision: fp32`"):
+        sweep.check_precision(cfg, "t.yaml", speedup=lambda: 0.014)
+    sweep.check_precision(cfg, "t.yaml", speedup=lambda: 2.3)  # AVX512-BF16: runs
+    sweep.check_precision(_cfg(), "t.yaml", speedup=lambda: 0.014)  # fp32 never asks
+
+
 def test_a_partial_grid_chooses_nothing_and_the_report_says_what_is_missing(tmp_path):
     cfg, rows_file = _cfg(), tmp_path / "t.runs.jsonl"
     sweep.sweep(cfg, rows_file, tmp_path / "c", _fake([]), max_runs=2, say=lambda m: None)
