@@ -520,6 +520,11 @@ def _pm(stat: tuple[float, float, int] | None, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f} (1 seed)"
 
 
+def _delta(d: dict[str, float]) -> str:
+    """`+1.23 (0.045)`: a difference of means and its Welch p; `(1 seed)` in place of a p that needs two each."""
+    return f"{d['delta']:+.2f} ({d['p']:.3f})" if math.isfinite(d["p"]) else f"{d['delta']:+.2f} (1 seed)"
+
+
 def _table(header: list[str], rows: list[list[str]], right: int) -> list[str]:
     """A markdown table whose last `right` columns are right-aligned."""
     align = ["---"] * (len(header) - right) + ["---:"] * right
@@ -568,8 +573,7 @@ def report_markdown(cfg: dict[str, Any], agg: dict[str, Any], config_path: str) 
                 continue
             deltas = against.get((e["task"], e["method"]))
             body.append([e["task"], e["method"], " / ".join(f"{v:.2f}" for v in e["per_seed"][first])]
-                        + [("—" if deltas is None else f"{deltas[m]['delta']:+.2f} ({deltas[m]['p']:.3f})"
-                            if m in deltas else "–") for m in present])
+                        + [("—" if deltas is None else _delta(deltas[m]) if m in deltas else "–") for m in present])
         lines += _table(["task", "method", f"test {first} per seed"] + [f"Δ{m} (p)" for m in present], body,
                         len(present))
     lines += ["", "The lr grid (mean select-split metric over the grid seeds):", ""]
