@@ -461,9 +461,9 @@ def aggregate(cfg: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]
             if lr is not None:
                 at_lr = sorted((r for r in mine if float(r["lr"]) == lr), key=lambda r: r["seed"])
                 entry["seeds"] = [r["seed"] for r in at_lr]
-                entry["test"] = {m: mean_std(r["test"].get(m) for r in at_lr)
-                                 for m in sorted({m for r in at_lr for m in r["test"]})}
-                entry["per_seed"] = {m: [r["test"].get(m) for r in at_lr] for m in entry["test"]}
+                entry["per_seed"] = {m: [r["test"].get(m) for r in at_lr]
+                                     for m in sorted({m for r in at_lr for m in r["test"]})}
+                entry["test"] = {m: mean_std(values) for m, values in entry["per_seed"].items()}
                 groups = sorted({g for r in at_lr for g in r.get("test_groups", {})})
                 if groups:
                     entry["test_groups"] = {g: {m: mean_std(r["test_groups"][g].get(m) for r in at_lr
@@ -563,7 +563,7 @@ def report_markdown(cfg: dict[str, Any], agg: dict[str, Any], config_path: str) 
                          for e in grouped for g, stats in e["test_groups"].items()], len(present))
     if agg.get("comparisons"):
         ref = agg["comparisons"][0]["reference"]
-        first = next(m for m in present)
+        first = present[0]
         lines += ["", f"Per seed and against {ref} (difference of the seed means, method − {ref}; Welch's t-test p "
                   "over the seeds, two-sided; TER: lower is better):", ""]
         against = {(c["task"], c["method"]): c["metrics"] for c in agg["comparisons"]}
